@@ -1,0 +1,110 @@
+//! Progress events: library code reports through a [`Reporter`], only the CLI prints.
+
+use std::sync::Arc;
+
+use serde::Serialize;
+
+/// What happened to one blob during a push or pull.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BlobOutcome {
+    /// The destination already had it (HEAD answered 200), or the layout already had it (pull).
+    Skipped,
+    /// Cross-repository mount succeeded.
+    Mounted,
+    /// Uploaded (push) or downloaded (pull).
+    Uploaded,
+    /// Downloaded into the layout (pull).
+    Downloaded,
+}
+
+/// One progress event. Serialized as JSON lines for `--json` (`{"event":"stage_start",...}`).
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// A stage begins.
+    StageStart {
+        /// Stage name (`resolve`, `pull`, `load`, `provision`, `layer`, `assemble`, `push`, ...).
+        stage: String,
+    },
+    /// A stage ends.
+    StageFinish {
+        /// Stage name.
+        stage: String,
+        /// Wall time in seconds.
+        seconds: f64,
+    },
+    /// A blob transfer begins.
+    BlobStart {
+        /// Blob digest.
+        digest: String,
+        /// Blob size.
+        size: u64,
+        /// `push` or `pull`.
+        direction: String,
+    },
+    /// Bytes transferred so far for a blob (sent at most a few times a second; not in --json).
+    #[serde(skip)]
+    BlobProgress {
+        /// Blob digest.
+        digest: String,
+        /// Bytes done.
+        done: u64,
+    },
+    /// A blob transfer ends.
+    BlobDone {
+        /// Blob digest.
+        digest: String,
+        /// Blob size.
+        size: u64,
+        /// What happened.
+        outcome: BlobOutcome,
+    },
+    /// A line of output from a child process (ansible-playbook).
+    Output {
+        /// Which process (`ansible`).
+        source: String,
+        /// The line, without newline.
+        line: String,
+    },
+    /// A human-oriented note (e.g. "retrying after 503").
+    Note {
+        /// The message.
+        message: String,
+    },
+    /// A warning.
+    Warning {
+        /// The message.
+        message: String,
+    },
+}
+
+/// Receives events. Implementations must be cheap and never block for long.
+pub trait Reporter: Send + Sync {
+    /// Handle one event.
+    fn event(&self, e: Event);
+}
+
+/// Shared reporter handle.
+pub type SharedReporter = Arc<dyn Reporter>;
+
+/// A reporter that drops everything.
+pub struct NullReporter;
+
+impl Reporter for NullReporter {
+    fn event(&self, _e: Event) {}
+}
+
+/// A reporter that forwards to a closure.
+pub struct FnReporter<F: Fn(Event) + Send + Sync>(pub F);
+
+impl<F: Fn(Event) + Send + Sync> Reporter for FnReporter<F> {
+    fn event(&self, e: Event) {
+        (self.0)(e)
+    }
+}
+
+/// A null reporter handle.
+pub fn null() -> SharedReporter {
+    Arc::new(NullReporter)
+}

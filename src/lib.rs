@@ -1,0 +1,14 @@
+//! wpimg: build container images from image.yaml with Ansible, assemble OCI images natively,
+//! and push them to any OCI registry or Amazon ECR.
+
+pub mod auth;
+pub mod build;
+pub mod events;
+pub mod layer;
+pub mod layout;
+pub mod oci;
+pub mod provision;
+pub mod reference;
+pub mod registry;
+pub mod runtime;
+pub mod spec;
