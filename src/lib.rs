@@ -1,8 +1,10 @@
 //! wpimg: build container images from image.yaml with Ansible, assemble OCI images natively,
 //! and push them to any OCI registry or Amazon ECR.
+#![warn(missing_docs)]
 
 pub mod auth;
 pub mod build;
+pub mod cli;
 pub mod events;
 pub mod layer;
 pub mod layout;

@@ -358,7 +358,7 @@ impl ImageIndex {
 #[derive(Debug, Clone)]
 pub enum Manifest {
     /// A single-image manifest.
-    Image(ImageManifest),
+    Image(Box<ImageManifest>),
     /// An index or manifest list.
     Index(ImageIndex),
 }
@@ -402,7 +402,7 @@ impl Manifest {
                 })
         } else {
             serde_json::from_slice(bytes)
-                .map(Manifest::Image)
+                .map(|m| Manifest::Image(Box::new(m)))
                 .map_err(|source| OciError::Json {
                     what: "manifest",
                     source,

@@ -612,7 +612,6 @@ impl Checker<'_> {
                                     self.problem(k.line, k.col, &p, "duplicate key");
                                 } else if let Some(val) = self.check(v, f.ty, &p) {
                                     out.insert(f.name.to_string(), val);
-                                } else {
                                 }
                             }
                         }
