@@ -1,0 +1,135 @@
+//! Shared support for integration tests: real components only; a missing one fails the test.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+/// The fixture registry started by scripts/setup.
+pub const FIXTURE_REGISTRY: &str = "127.0.0.1:5000";
+/// Debian bookworm minbase with python3, served by the fixture registry.
+pub const BASE: &str = "127.0.0.1:5000/debian:bookworm";
+/// Debian bookworm minbase without python3.
+pub const BASE_NO_PYTHON: &str = "127.0.0.1:5000/debian:bookworm-minbase";
+
+/// Path of the wpimg binary under test.
+pub fn wpimg_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_wpimg"))
+}
+
+/// Fail (never skip) when a required program is missing.
+pub fn require(program: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
+        .unwrap_or(false);
+    assert!(
+        found,
+        "{program} is not installed: run scripts/setup (it installs and starts every test component)"
+    );
+}
+
+/// Fail unless Docker and the fixture registry answer.
+pub fn require_fixtures() {
+    require("docker");
+    let ok = Command::new("docker")
+        .args(["info", "--format", "{{.ServerVersion}}"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "no Docker engine answers: run scripts/setup");
+    let ok = std::net::TcpStream::connect(FIXTURE_REGISTRY).is_ok();
+    assert!(
+        ok,
+        "fixture registry {FIXTURE_REGISTRY} is not running: run scripts/setup"
+    );
+}
+
+/// Run a command and return its output (never panics on non-zero exit).
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+}
+
+/// stdout of a command that must succeed.
+pub fn ok_stdout(cmd: &mut Command) -> String {
+    let o = run(cmd);
+    assert!(
+        o.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A `wpimg` command.
+pub fn wpimg() -> Command {
+    let mut c = Command::new(wpimg_bin());
+    c.env_remove("SOURCE_DATE_EPOCH");
+    c
+}
+
+/// Unique suffix for names in this test run.
+pub fn unique(prefix: &str) -> String {
+    let n: u32 = rand_u32();
+    format!("{prefix}-{}-{n:08x}", std::process::id())
+}
+
+fn rand_u32() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.finish() as u32
+}
+
+/// Build containers of wpimg's for an image name (running or not).
+pub fn build_containers(image_name: &str) -> Vec<String> {
+    let out = ok_stdout(Command::new("docker").args([
+        "ps",
+        "-a",
+        "--filter",
+        "label=io.wpimg.build",
+        "--filter",
+        &format!("label=io.wpimg.image={image_name}"),
+        "--format",
+        "{{.Names}}",
+    ]));
+    out.lines()
+        .map(str::to_string)
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+/// Files left in a layout's ingest directory (temp blobs).
+pub fn temp_blobs(oci_dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(oci_dir.join("ingest"))
+        .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default()
+}
+
+/// Removes a Docker image (by reference) on drop.
+pub struct ImageGuard(pub String);
+
+impl Drop for ImageGuard {
+    fn drop(&mut self) {
+        let _ = Command::new("docker")
+            .args(["rmi", "-f", &self.0])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// Write a file, creating parent directories.
+pub fn write(path: &Path, text: &str) {
+    if let Some(p) = path.parent() {
+        std::fs::create_dir_all(p).unwrap();
+    }
+    std::fs::write(path, text).unwrap();
+}
