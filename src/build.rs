@@ -107,6 +107,29 @@ pub struct BuildOptions {
     pub cancel: CancellationToken,
     /// `DOCKER_HOST` handed to Ansible.
     pub docker_host: Option<String>,
+    /// Do not reuse a cached layer (a fresh one is still stored).
+    pub no_cache: bool,
+}
+
+/// The layer a build adds, whether produced now or taken from the cache.
+#[derive(Debug, Clone)]
+pub struct NewLayer {
+    /// The compressed blob.
+    pub descriptor: Descriptor,
+    /// Uncompressed digest.
+    pub diff_id: Digest,
+    /// Uncompressed size.
+    pub uncompressed_size: u64,
+}
+
+impl From<&LayerInfo> for NewLayer {
+    fn from(l: &LayerInfo) -> Self {
+        Self {
+            descriptor: l.descriptor(),
+            diff_id: l.diff_id.clone(),
+            uncompressed_size: l.uncompressed_size,
+        }
+    }
 }
 
 /// Wall time of one stage.
@@ -154,8 +177,12 @@ pub struct BuildReport {
     pub diff_id: Digest,
     /// The new layer's uncompressed size.
     pub layer_uncompressed_size: u64,
-    /// How the layer was read (`upperdir` or `api`).
+    /// How the layer was read (`upperdir`, `api`, or `cache`).
     pub layer_path: String,
+    /// Cache outcome: `hit` or `miss`.
+    pub cache: String,
+    /// The cache key.
+    pub cache_key: String,
     /// Total compressed size of all layers.
     pub total_size: u64,
     /// Stage timings.
@@ -231,67 +258,84 @@ pub async fn build(
     })?;
     st.finish(s);
 
-    let s = st.start("load-base");
-    let base_id = format!("sha256:{}", base.manifest.config.digest.hex());
-    if !engine.image_exists(&base_id).await? {
-        let layers: Vec<Digest> = base
-            .manifest
-            .layers
-            .iter()
-            .map(|l| l.digest.clone())
-            .collect();
-        load_archive(
-            engine,
-            &layout,
-            &base.manifest.config.digest,
-            &layers,
-            vec![],
-        )
-        .await?;
-    }
-    st.finish(s);
-
-    let container = format!(
-        "wpimg-build-{}-{:08x}",
-        spec.name.replace(['/', '.'], "-"),
-        rand::random::<u32>()
-    );
-    let s = st.start("provision");
-    let labels = [
-        (runtime::BUILD_LABEL.to_string(), "1".to_string()),
-        ("io.wpimg.image".to_string(), spec.name.clone()),
-    ]
-    .into_iter()
-    .collect();
-    let id = engine
-        .start_keepalive(&ContainerSpec {
-            image: base_id.clone(),
-            name: container.clone(),
-            labels,
-            platform: spec.platform.clone(),
-        })
-        .await?;
-    let produced = provision_and_extract(
-        spec, engine, opts, rep, &mut st, &layout, &id, &container, &info,
-    )
-    .await;
-    let keep = opts.keep_on_error && matches!(produced, Err(BuildError::Provision { .. }));
-    if !keep {
-        engine.remove(&id).await?;
-    }
-    let (layer, layer_path) = match produced {
-        Err(BuildError::Provision { source, .. }) => {
-            return Err(BuildError::Provision {
-                source,
-                kept: keep.then(|| container.clone()),
-            })
-        }
-        other => other?,
+    let cache_key = crate::cache::key(
+        spec,
+        &base.descriptor.digest,
+        &platform.to_string(),
+        layout.dir(),
+    )?;
+    let cached = if opts.no_cache {
+        None
+    } else {
+        crate::cache::lookup(&layout, &cache_key)
     };
-    let _ = s;
+    let hit = cached.is_some();
+    let base_id = format!("sha256:{}", base.manifest.config.digest.hex());
+    let mut container = String::new();
+    let (layer, layer_path, created) = match cached {
+        Some(e) => {
+            rep.event(Event::Note {
+                message: format!(
+                    "cache hit {}: reusing layer {}",
+                    &cache_key[..12],
+                    e.layer.digest
+                ),
+            });
+            (
+                NewLayer {
+                    descriptor: e.layer,
+                    diff_id: e.diff_id,
+                    uncompressed_size: e.uncompressed_size,
+                },
+                "cache".to_string(),
+                e.created,
+            )
+        }
+        None => {
+            let s = st.start("load-base");
+            if !engine.image_exists(&base_id).await? {
+                let layers: Vec<Digest> = base
+                    .manifest
+                    .layers
+                    .iter()
+                    .map(|l| l.digest.clone())
+                    .collect();
+                load_archive(
+                    engine,
+                    &layout,
+                    &base.manifest.config.digest,
+                    &layers,
+                    vec![],
+                )
+                .await?;
+            }
+            st.finish(s);
+            container = format!(
+                "wpimg-build-{}-{:08x}",
+                spec.name.replace(['/', '.'], "-"),
+                rand::random::<u32>()
+            );
+            let (info, path) = provision_container(
+                spec, engine, opts, rep, &mut st, &layout, &base_id, &container, &info,
+            )
+            .await?;
+            let created = oci::source_date_epoch().unwrap_or_else(oci::now_unix);
+            let layer = NewLayer::from(&info);
+            crate::cache::store(
+                &layout,
+                &crate::cache::CacheEntry {
+                    key: cache_key.clone(),
+                    layer: layer.descriptor.clone(),
+                    diff_id: layer.diff_id.clone(),
+                    uncompressed_size: layer.uncompressed_size,
+                    created,
+                },
+            )?;
+            (layer, path, created)
+        }
+    };
 
     let s = st.start("assemble");
-    let created = oci::source_date_epoch().unwrap_or_else(oci::now_unix);
     let (config, manifest) = assemble(spec, &base, &layer, created)?;
     let config_bytes = oci::to_canonical_json(&config);
     let (config_digest, config_size) = layout.write_blob(&config_bytes)?;
@@ -352,6 +396,8 @@ pub async fn build(
         diff_id: layer.diff_id.clone(),
         layer_uncompressed_size: layer.uncompressed_size,
         layer_path,
+        cache: if hit { "hit" } else { "miss" }.to_string(),
+        cache_key,
         stages: st.times,
         container,
         loaded,
@@ -379,6 +425,7 @@ async fn provision_and_extract(
     id: &str,
     container: &str,
     info: &runtime::EngineInfo,
+    stage: (String, Instant),
 ) -> Result<(LayerInfo, String), BuildError> {
     let run = ProvisionRun {
         playbook: spec.provision.playbook.clone(),
@@ -394,19 +441,10 @@ async fn provision_and_extract(
         env: spec.provision.env.clone(),
         docker_host: opts.docker_host.clone(),
     };
-    let t = Instant::now();
     cancellable(&opts.cancel, provision::run(&run, rep))
         .await?
         .map_err(|source| BuildError::Provision { source, kept: None })?;
-    let seconds = t.elapsed().as_secs_f64();
-    rep.event(Event::StageFinish {
-        stage: "provision".into(),
-        seconds,
-    });
-    st.times.push(StageTime {
-        stage: "provision".into(),
-        seconds,
-    });
+    st.finish(stage);
 
     let s = st.start("layer");
     // Stop the keep-alive shell (and anything Ansible left running) so the filesystem is still.
@@ -452,6 +490,50 @@ async fn provision_and_extract(
     };
     st.finish(s);
     Ok(result)
+}
+
+/// Start the build container, provision it, read its layer, and always clean it up
+/// (unless `--keep-on-error` and the play failed).
+#[allow(clippy::too_many_arguments)]
+async fn provision_container(
+    spec: &ImageSpec,
+    engine: &dyn Engine,
+    opts: &BuildOptions,
+    rep: &SharedReporter,
+    st: &mut Stages<'_>,
+    layout: &Layout,
+    base_id: &str,
+    container: &str,
+    info: &runtime::EngineInfo,
+) -> Result<(LayerInfo, String), BuildError> {
+    let s = st.start("provision");
+    let labels = [
+        (runtime::BUILD_LABEL.to_string(), "1".to_string()),
+        ("io.wpimg.image".to_string(), spec.name.clone()),
+    ]
+    .into_iter()
+    .collect();
+    let id = engine
+        .start_keepalive(&ContainerSpec {
+            image: base_id.to_string(),
+            name: container.to_string(),
+            labels,
+            platform: spec.platform.clone(),
+        })
+        .await?;
+    let produced =
+        provision_and_extract(spec, engine, opts, rep, st, layout, &id, container, info, s).await;
+    let keep = opts.keep_on_error && matches!(produced, Err(BuildError::Provision { .. }));
+    if !keep {
+        engine.remove(&id).await?;
+    }
+    match produced {
+        Err(BuildError::Provision { source, .. }) => Err(BuildError::Provision {
+            source,
+            kept: keep.then(|| container.to_string()),
+        }),
+        other => other,
+    }
 }
 
 /// Commit + save, then the top layer of the saved archive.
@@ -573,7 +655,7 @@ async fn load_archive(
 pub fn assemble(
     spec: &ImageSpec,
     base: &PulledImage,
-    layer: &LayerInfo,
+    layer: &NewLayer,
     created: i64,
 ) -> Result<(ImageConfig, ImageManifest), BuildError> {
     let mut cfg = base.config.clone();
@@ -670,7 +752,7 @@ pub fn assemble(
             d
         })
         .collect();
-    layers.push(layer.descriptor());
+    layers.push(layer.descriptor.clone());
     let manifest = ImageManifest {
         schema_version: 2,
         media_type: Some(MEDIA_TYPE_OCI_MANIFEST.into()),

@@ -98,6 +98,9 @@ pub struct BuildArgs {
     /// How to read the container's changes.
     #[arg(long, value_enum, default_value_t = crate::build::LayerPath::Auto)]
     pub layer_path: crate::build::LayerPath,
+    /// Do not reuse a cached layer (the new one is still cached).
+    #[arg(long)]
+    pub no_cache: bool,
 }
 
 /// Output renderer: JSON lines on stdout, or human lines on stderr.
@@ -340,6 +343,7 @@ async fn dispatch(cli: &Cli, out: &Arc<Output>) -> Result<(), Failure> {
                 client: client(g)?,
                 cancel: cancel_on_signal(),
                 docker_host: std::env::var("DOCKER_HOST").ok(),
+                no_cache: b.no_cache,
             };
             let report = crate::build::build(&spec, &engine, &opts, &rep)
                 .await
@@ -370,12 +374,13 @@ async fn dispatch(cli: &Cli, out: &Arc<Output>) -> Result<(), Failure> {
 
 fn summary(out: &Output, r: &crate::build::BuildReport) {
     out.say(&format!(
-        "built {} {} ({} layers, {:.1} MB, new layer via {})",
+        "built {} {} ({} layers, {:.1} MB, new layer via {}, cache {})",
         r.reference,
         r.manifest.digest,
         r.layers.len(),
         r.total_size as f64 / 1e6,
-        r.layer_path
+        r.layer_path,
+        r.cache
     ));
     let times: Vec<String> = r
         .stages

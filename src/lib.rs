@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod build;
+pub mod cache;
 pub mod cli;
 pub mod events;
 pub mod layer;
