@@ -173,7 +173,11 @@ impl<W: Write> TarWriter<W> {
     }
 
     /// Write one entry; `data` must yield at least `e.size` bytes for regular files.
-    pub(crate) fn append(&mut self, e: &Entry, data: Option<&mut dyn Read>) -> Result<(), AppendError> {
+    pub(crate) fn append(
+        &mut self,
+        e: &Entry,
+        data: Option<&mut dyn Read>,
+    ) -> Result<(), AppendError> {
         let mut name = e.path.clone();
         if e.kind == Kind::Dir {
             name.push(b'/');
@@ -349,7 +353,11 @@ fn octal(field: &mut [u8], v: u64) {
     let s = format!("{v:0digits$o}");
     let s = s.as_bytes();
     // Callers keep values in range; saturate defensively.
-    let s = if s.len() > digits { &s[s.len() - digits..] } else { s };
+    let s = if s.len() > digits {
+        &s[s.len() - digits..]
+    } else {
+        s
+    };
     field[..digits].copy_from_slice(s);
     field[digits] = 0;
 }
@@ -430,7 +438,10 @@ mod tests {
         a.read_to_string(&mut s).unwrap();
         assert_eq!(s, "hello");
         let b = it.next().unwrap().unwrap();
-        assert_eq!(b.link_name_bytes().unwrap().as_ref(), "t".repeat(120).as_bytes());
+        assert_eq!(
+            b.link_name_bytes().unwrap().as_ref(),
+            "t".repeat(120).as_bytes()
+        );
         assert!(it.next().is_none());
     }
 }

@@ -16,7 +16,11 @@ use super::tarin::out_err;
 use super::{LayerError, LayerInfo, LayerOptions};
 use crate::layout::Layout;
 
-pub(crate) fn from_dir(upper: &Path, layout: &Layout, opts: &LayerOptions) -> Result<LayerInfo, LayerError> {
+pub(crate) fn from_dir(
+    upper: &Path,
+    layout: &Layout,
+    opts: &LayerOptions,
+) -> Result<LayerInfo, LayerError> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return Err(LayerError::NotRoot {
@@ -94,7 +98,13 @@ impl<W: io::Write> Walk<'_, W> {
         Ok(())
     }
 
-    fn child(&mut self, abs: &Path, rel_dir: &[u8], name: &[u8], rel: Vec<u8>) -> Result<(), LayerError> {
+    fn child(
+        &mut self,
+        abs: &Path,
+        rel_dir: &[u8],
+        name: &[u8],
+        rel: Vec<u8>,
+    ) -> Result<(), LayerError> {
         let md = std::fs::symlink_metadata(abs).map_err(read_err(abs))?;
         let ft = md.file_type();
         if ft.is_socket() {
@@ -108,7 +118,12 @@ impl<W: io::Write> Walk<'_, W> {
         } else {
             Vec::new()
         };
-        let has = |k: &[u8]| xattrs.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_slice());
+        let has = |k: &[u8]| {
+            xattrs
+                .iter()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| v.as_slice())
+        };
         let is_whiteout = (ft.is_char_device() && md.rdev() == 0)
             || (ft.is_file() && has(b"trusted.overlay.whiteout").is_some());
         if is_whiteout {
@@ -197,7 +212,12 @@ impl<W: io::Write> Walk<'_, W> {
         Ok(())
     }
 
-    fn emit(&mut self, e: &Entry, data: Option<&mut dyn io::Read>, abs: &Path) -> Result<(), LayerError> {
+    fn emit(
+        &mut self,
+        e: &Entry,
+        data: Option<&mut dyn io::Read>,
+        abs: &Path,
+    ) -> Result<(), LayerError> {
         use super::canon::AppendError;
         self.w.append(e, data).map_err(|err| match err {
             AppendError::Out(source) => out_err(self.layout)(source),

@@ -73,7 +73,11 @@ impl Excluder {
     pub(crate) fn new(user: &[String]) -> Result<Self, ExcludeError> {
         validate_excludes(user)?;
         let mut b = GlobSetBuilder::new();
-        for p in BUILTIN_EXCLUDES.iter().copied().chain(user.iter().map(|s| s.as_str())) {
+        for p in BUILTIN_EXCLUDES
+            .iter()
+            .copied()
+            .chain(user.iter().map(|s| s.as_str()))
+        {
             // Validated above; built-ins are covered by a test.
             if let Ok(g) = build_glob(p) {
                 b.add(g);
@@ -130,8 +134,8 @@ mod tests {
 
     #[test]
     fn matching_semantics() {
-        let x = Excluder::new(&["/tmp/*".into(), "/var/cache/dnf/**".into(), "/opt/".into()])
-            .unwrap();
+        let x =
+            Excluder::new(&["/tmp/*".into(), "/var/cache/dnf/**".into(), "/opt/".into()]).unwrap();
         assert!(x.excludes(b"tmp/a"));
         assert!(x.excludes(b"tmp/a/b/c"));
         assert!(!x.excludes(b"tmp"));

@@ -7,7 +7,9 @@ use std::fs::File;
 use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use super::canon::{cmp_paths, normalize_path, AppendError, Entry, Kind, TarWriter, OPAQUE, WH, WH_META};
+use super::canon::{
+    cmp_paths, normalize_path, AppendError, Entry, Kind, TarWriter, OPAQUE, WH, WH_META,
+};
 use super::compress::LayerSink;
 use super::exclude::Excluder;
 use super::{LayerError, LayerInfo, LayerOptions};
@@ -28,7 +30,10 @@ fn unsupported(entry: &[u8], what: impl Into<String>) -> LayerError {
 }
 
 /// Turn a tar entry into a canonical entry (`None`: not part of the layer's content).
-fn parse<R: Read>(e: &mut tar::Entry<'_, R>, sde: Option<i64>) -> Result<Option<Entry>, LayerError> {
+fn parse<R: Read>(
+    e: &mut tar::Entry<'_, R>,
+    sde: Option<i64>,
+) -> Result<Option<Entry>, LayerError> {
     let raw_path = e.path_bytes().into_owned();
     let h = e.header();
     let ty = h.entry_type();
@@ -48,8 +53,8 @@ fn parse<R: Read>(e: &mut tar::Entry<'_, R>, sde: Option<i64>) -> Result<Option<
             ))
         }
     };
-    let path = normalize_path(&raw_path)
-        .ok_or_else(|| unsupported(&raw_path, "path contains '..'"))?;
+    let path =
+        normalize_path(&raw_path).ok_or_else(|| unsupported(&raw_path, "path contains '..'"))?;
     if path.is_empty() {
         return Ok(None);
     }
@@ -75,9 +80,13 @@ fn parse<R: Read>(e: &mut tar::Entry<'_, R>, sde: Option<i64>) -> Result<Option<
         out.dev_minor = h.device_minor().map_err(terr)?.unwrap_or(0);
     }
     if matches!(kind, Kind::Symlink | Kind::Hardlink) {
-        let l = e.link_name_bytes().map(|c| c.into_owned()).unwrap_or_default();
+        let l = e
+            .link_name_bytes()
+            .map(|c| c.into_owned())
+            .unwrap_or_default();
         out.link = if kind == Kind::Hardlink {
-            normalize_path(&l).ok_or_else(|| unsupported(&raw_path, "hard link target contains '..'"))?
+            normalize_path(&l)
+                .ok_or_else(|| unsupported(&raw_path, "hard link target contains '..'"))?
         } else {
             l
         };
@@ -90,11 +99,7 @@ fn parse<R: Read>(e: &mut tar::Entry<'_, R>, sde: Option<i64>) -> Result<Option<
                 out.xattrs.push((name.to_vec(), rec.value_bytes().to_vec()));
             } else if k == b"mtime" {
                 // PAX mtime may be fractional; keep whole seconds (floor).
-                if let Some(t) = rec
-                    .value()
-                    .ok()
-                    .and_then(|v| v.trim().parse::<f64>().ok())
-                {
+                if let Some(t) = rec.value().ok().and_then(|v| v.trim().parse::<f64>().ok()) {
                     out.mtime = t.floor() as i64;
                 }
             }
@@ -227,7 +232,11 @@ pub(crate) fn from_stream(
     from_seekable(&mut spool, Path::new("<layer tar spool>"), layout, opts, &x)
 }
 
-pub(crate) fn from_file(path: &Path, layout: &Layout, opts: &LayerOptions) -> Result<LayerInfo, LayerError> {
+pub(crate) fn from_file(
+    path: &Path,
+    layout: &Layout,
+    opts: &LayerOptions,
+) -> Result<LayerInfo, LayerError> {
     let x = Excluder::new(&opts.excludes)?;
     let mut f = File::open(path).map_err(|source| LayerError::Read {
         path: path.to_path_buf(),
@@ -243,8 +252,8 @@ struct Indexed {
     excluded: bool,
 }
 
-fn from_seekable(
-    f: &mut File,
+pub(crate) fn from_seekable<R: Read + Seek>(
+    f: &mut R,
     path: &Path,
     layout: &Layout,
     opts: &LayerOptions,
@@ -257,10 +266,11 @@ fn from_seekable(
     // Pass 1: headers only.
     let mut all: Vec<Indexed> = Vec::new();
     {
-        let mut ar = tar::Archive::new(&*f);
+        let mut ar = tar::Archive::new(&mut *f);
         let iter = ar.entries_with_seek().map_err(|e| tar_err(b"", e))?;
         for item in iter {
-            let mut te = item.map_err(|e| tar_err(all.last().map_or(&b""[..], |i| &i.e.path), e))?;
+            let mut te =
+                item.map_err(|e| tar_err(all.last().map_or(&b""[..], |i| &i.e.path), e))?;
             let Some(e) = parse(&mut te, opts.source_date_epoch)? else {
                 continue;
             };
@@ -294,8 +304,8 @@ fn from_seekable(
         None
     };
     let mut groups: HashMap<usize, Vec<usize>> = HashMap::new();
-    for i in 0..all.len() {
-        if all[i].e.kind == Kind::Hardlink {
+    for (i, it) in all.iter().enumerate() {
+        if it.e.kind == Kind::Hardlink {
             if let Some(r) = resolve(i) {
                 groups.entry(r).or_default().push(i);
             }
@@ -338,7 +348,7 @@ fn from_seekable(
         for it in all.iter().filter(|it| !it.excluded) {
             if it.e.kind == Kind::Regular && it.e.size > 0 {
                 f.seek(SeekFrom::Start(it.off)).map_err(rerr)?;
-                let mut data = (&*f).take(it.e.size);
+                let mut data = (&mut *f).take(it.e.size);
                 append(&mut w, out_err(layout), &it.e, Some(&mut data))?;
             } else {
                 append(&mut w, out_err(layout), &it.e, None)?;
