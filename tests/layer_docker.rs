@@ -109,14 +109,14 @@ fn upper_dir_and_docker_save_give_identical_layers() {
     };
     let base = format!("{tag}:base");
     guard.images.push(base.clone());
-    let tar = Command::new("tar")
+    let mut tar = Command::new("tar")
         .args(["-C", ROOTFS, "-c", "."])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     let imp = Command::new("docker")
         .args(["import", "-", &base])
-        .stdin(tar.stdout.unwrap())
+        .stdin(tar.stdout.take().unwrap())
         .output()
         .unwrap();
     assert!(
