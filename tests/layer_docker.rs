@@ -109,19 +109,16 @@ fn upper_dir_and_docker_save_give_identical_layers() {
     };
     let base = format!("{tag}:base");
     guard.images.push(base.clone());
-    let mut tar = Command::new("tar")
-        .args(["-C", ROOTFS, "-c", "."])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let imp = Command::new("docker")
-        .args(["import", "-", &base])
-        .stdin(tar.stdout.take().unwrap())
+    let imp = Command::new("sh")
+        .args([
+            "-c",
+            &format!("set -o pipefail 2>/dev/null; tar -C {ROOTFS} -c . | docker import - {base}"),
+        ])
         .output()
         .unwrap();
     assert!(
         imp.status.success(),
-        "docker import: {}",
+        "tar | docker import: {}",
         String::from_utf8_lossy(&imp.stderr)
     );
 
