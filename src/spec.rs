@@ -70,16 +70,7 @@ impl SpecError {
     }
 }
 
-/// Layer compression algorithm.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Compression {
-    /// gzip (default; every engine can pull it).
-    #[default]
-    Gzip,
-    /// zstd (faster; Docker 20.10 cannot pull it).
-    Zstd,
-}
+pub use crate::layer::Compression;
 
 /// A validated image.yaml with variables resolved.
 #[derive(Debug, Clone, Serialize)]
@@ -1132,12 +1123,17 @@ fn build_spec(
         ),
     }
     if let Some(l) = layer.level {
-        let max = match layer.compression {
-            Compression::Gzip => 9,
-            Compression::Zstd => 19,
-        };
-        if !(1..=max).contains(&l) {
-            bad("layer.level", format!("level {l} out of range 1..={max}"));
+        let range = layer.compression.level_range();
+        if !range.contains(&l) {
+            bad(
+                "layer.level",
+                format!(
+                    "level {l} out of range {}..={} for {}",
+                    range.start(),
+                    range.end(),
+                    layer.compression
+                ),
+            );
         }
     }
 
