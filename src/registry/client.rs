@@ -643,7 +643,11 @@ impl Client {
                     auth_rounds += 1;
                     if let Some(s) = scope {
                         for s in s.split(' ').filter(|s| !s.is_empty()) {
-                            if !scopes.iter().any(|x| x == s) {
+                            // Same resource already asked for (maybe with more actions): keep ours.
+                            let resource = s.rsplit_once(':').map_or(s, |(r, _)| r);
+                            if !scopes.iter().any(|x| {
+                                x.rsplit_once(':').map_or(x.as_str(), |(r, _)| r) == resource
+                            }) {
                                 scopes.push(s.to_string());
                             }
                         }

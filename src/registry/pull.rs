@@ -519,7 +519,7 @@ fn manifest_from_raw(
 ) -> Result<RemoteManifest, RegistryError> {
     let name = format!("{repo_name}:{reference}");
     if let Some(ct) = content_type {
-        if ct.contains("manifest.v1") {
+        if ct.starts_with("application/vnd.docker.distribution.manifest.v1") {
             return Err(RegistryError::UnsupportedMediaType {
                 reference: name.clone(),
                 media_type: ct.to_string(),

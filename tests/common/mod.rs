@@ -1,0 +1,4 @@
+//! Shared integration-test support.
+#![allow(dead_code)]
+
+pub mod registry;
