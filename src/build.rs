@@ -41,7 +41,7 @@ pub enum BuildError {
         reference: String,
         /// The cause.
         #[source]
-        source: registry::RegistryError,
+        source: Box<registry::RegistryError>,
     },
     /// The container engine failed.
     #[error(transparent)]
@@ -91,7 +91,6 @@ pub enum LayerPath {
 }
 
 /// Options of a build that do not come from image.yaml.
-#[derive(Clone)]
 pub struct BuildOptions {
     /// The local OCI layout.
     pub oci_dir: PathBuf,
@@ -254,7 +253,7 @@ pub async fn build(
     .await?
     .map_err(|source| BuildError::Pull {
         reference: spec.base.clone(),
-        source,
+        source: Box::new(source),
     })?;
     st.finish(s);
 

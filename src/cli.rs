@@ -279,6 +279,7 @@ pub fn client(g: &GlobalArgs) -> Result<crate::registry::Client, Failure> {
     let opts = crate::registry::ClientOptions {
         insecure_hosts: g.insecure_registries.clone(),
         ca_file: g.ca_file.clone(),
+        ..Default::default()
     };
     crate::registry::Client::new(opts).map_err(|e| bad_input(e.into()))
 }

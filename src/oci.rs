@@ -356,9 +356,10 @@ impl ImageIndex {
 
 /// A parsed manifest document: an image manifest or an index.
 #[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)]
 pub enum Manifest {
     /// A single-image manifest.
-    Image(Box<ImageManifest>),
+    Image(ImageManifest),
     /// An index or manifest list.
     Index(ImageIndex),
 }
@@ -402,7 +403,7 @@ impl Manifest {
                 })
         } else {
             serde_json::from_slice(bytes)
-                .map(|m| Manifest::Image(Box::new(m)))
+                .map(Manifest::Image)
                 .map_err(|source| OciError::Json {
                     what: "manifest",
                     source,

@@ -1,0 +1,361 @@
+//! The registry client's error type: keeps the HTTP status, the registry's error codes and the
+//! repository, and knows which failures are worth retrying.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::auth::AuthError;
+use crate::layout::LayoutError;
+use crate::oci::{Digest, OciError};
+
+/// One entry of a registry's JSON error body (`{"errors":[{"code":..,"message":..}]}`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApiError {
+    /// Error code (`NAME_UNKNOWN`, `DENIED`, `MANIFEST_INVALID`, `TAG_INVALID`, ...).
+    pub code: String,
+    /// Human message.
+    #[serde(default)]
+    pub message: String,
+}
+
+/// Errors of the registry client.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The registry answered with an error status.
+    #[error("{repository}: {operation}: {} (HTTP {status})", ApiErrors(.errors))]
+    Api {
+        /// `registry/repository` (or the registry alone).
+        repository: String,
+        /// What was being done (`push blob sha256:...`, `get manifest 1.0`, ...).
+        operation: String,
+        /// HTTP status.
+        status: u16,
+        /// Parsed error entries; never empty (a code is derived from the status if needed).
+        errors: Vec<ApiError>,
+        /// `Retry-After` of a 429/503 answer.
+        retry_after: Option<Duration>,
+    },
+    /// The request could not be sent or the answer not read.
+    #[error("{repository}: {operation}: {source}")]
+    Transport {
+        /// `registry/repository`.
+        repository: String,
+        /// What was being done.
+        operation: String,
+        /// The cause (its URL is stripped).
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The registry broke the protocol (missing Location, bad digest header, ...).
+    #[error("{repository}: {operation}: {message}")]
+    Protocol {
+        /// `registry/repository`.
+        repository: String,
+        /// What was being done.
+        operation: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// Content did not match its digest.
+    #[error("{repository}: {what} {expected}: content has digest {actual}")]
+    DigestMismatch {
+        /// `registry/repository`.
+        repository: String,
+        /// `blob` or `manifest`.
+        what: &'static str,
+        /// The expected digest.
+        expected: Digest,
+        /// What it hashed to.
+        actual: Digest,
+    },
+    /// Storing or reading a blob in the local layout failed.
+    #[error("{repository}: blob {digest}: {source}")]
+    Blob {
+        /// `registry/repository`.
+        repository: String,
+        /// The blob.
+        digest: Digest,
+        /// The cause.
+        #[source]
+        source: LayoutError,
+    },
+    /// The local layout failed.
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+    /// A local file could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Credentials could not be found.
+    #[error("credentials for {registry}: {source}")]
+    Auth {
+        /// The registry.
+        registry: String,
+        /// The cause.
+        #[source]
+        source: AuthError,
+    },
+    /// The CA file is unusable.
+    #[error("CA file {path}: {reason}")]
+    CaFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The HTTP client could not be built.
+    #[error("cannot set up the HTTP client: {0}")]
+    Client(#[source] reqwest::Error),
+    /// Plain HTTP asked for a host that is neither loopback nor an insecure registry.
+    #[error(
+        "refusing plain HTTP to {registry} ({endpoint}): only loopback hosts and hosts named \
+         with --insecure-registry may use http://"
+    )]
+    InsecureRefused {
+        /// The registry.
+        registry: String,
+        /// The endpoint URL.
+        endpoint: String,
+    },
+    /// An endpoint override is not a usable URL.
+    #[error("bad endpoint {endpoint:?} for registry {registry}: {reason}")]
+    BadEndpoint {
+        /// The registry.
+        registry: String,
+        /// The URL given.
+        endpoint: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A manifest, index or config could not be parsed.
+    #[error("{reference}: {source}")]
+    Manifest {
+        /// The image reference.
+        reference: String,
+        /// The cause.
+        #[source]
+        source: OciError,
+    },
+    /// The manifest's media type is not supported (e.g. Docker schema 1).
+    #[error("{reference}: unsupported manifest media type {media_type:?}")]
+    UnsupportedMediaType {
+        /// The image reference.
+        reference: String,
+        /// The media type.
+        media_type: String,
+    },
+    /// An invalid reference or tag.
+    #[error(transparent)]
+    Reference(#[from] crate::reference::ReferenceError),
+    /// An index has no entry for the wanted platform.
+    #[error("{reference}: no image for platform {platform} (available: {})", .available.join(", "))]
+    PlatformNotFound {
+        /// The image reference.
+        reference: String,
+        /// The wanted platform.
+        platform: String,
+        /// Platforms the index offers.
+        available: Vec<String>,
+    },
+}
+
+struct ApiErrors<'a>(&'a [ApiError]);
+
+impl fmt::Display for ApiErrors<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            if e.message.is_empty() {
+                write!(f, "{}", e.code)?;
+            } else {
+                write!(f, "{}: {}", e.code, e.message)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl RegistryError {
+    /// Whether retrying may help: connection failures, 5xx, 408 and 429. Never auth (401/403),
+    /// not-found or manifest errors.
+    pub fn is_temporary(&self) -> bool {
+        match self {
+            Self::Api { status, errors, .. } => {
+                *status >= 500
+                    || *status == 429
+                    || *status == 408
+                    || errors
+                        .iter()
+                        .any(|e| e.code == "TOOMANYREQUESTS" || e.code == "UNAVAILABLE")
+            }
+            Self::Transport { source, .. } => {
+                source.is_connect()
+                    || source.is_timeout()
+                    || source.is_request()
+                    || source.is_body()
+                    || source.is_decode()
+            }
+            _ => false,
+        }
+    }
+
+    /// The first registry error code (`NAME_UNKNOWN`, `DENIED`, `TAG_INVALID`, ...), if any.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            Self::Api { errors, .. } => errors.first().map(|e| e.code.as_str()),
+            _ => None,
+        }
+    }
+
+    /// Whether any registry error code equals `code`.
+    pub fn has_code(&self, code: &str) -> bool {
+        matches!(self, Self::Api { errors, .. } if errors.iter().any(|e| e.code == code))
+    }
+
+    /// The HTTP status of an [`RegistryError::Api`] error.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Self::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// The registry's `Retry-After`, if it sent one.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Api { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+}
+
+/// The code used when an error answer has no JSON body.
+pub(crate) fn code_for_status(status: u16) -> &'static str {
+    match status {
+        400 => "BAD_REQUEST",
+        401 => "UNAUTHORIZED",
+        403 => "DENIED",
+        404 => "NOT_FOUND",
+        405 => "UNSUPPORTED",
+        408 => "TIMEOUT",
+        409 => "CONFLICT",
+        413 => "SIZE_INVALID",
+        416 => "RANGE_INVALID",
+        429 => "TOOMANYREQUESTS",
+        500..=599 => "UNAVAILABLE",
+        _ => "UNKNOWN",
+    }
+}
+
+/// Parse an error body: the distribution `errors` array, or the `details`/`message`/`error`
+/// fields token servers use, or the first line of text.
+pub(crate) fn parse_error_body(status: u16, body: &[u8]) -> Vec<ApiError> {
+    #[derive(Deserialize)]
+    struct Entry {
+        code: Option<String>,
+        message: Option<String>,
+    }
+    #[derive(Deserialize)]
+    struct Body {
+        errors: Option<Vec<Entry>>,
+        details: Option<String>,
+        message: Option<String>,
+        error: Option<String>,
+    }
+    let fallback_code = code_for_status(status).to_string();
+    if let Ok(b) = serde_json::from_slice::<Body>(body) {
+        let mut out: Vec<ApiError> = b
+            .errors
+            .unwrap_or_default()
+            .into_iter()
+            .map(|e| ApiError {
+                code: e
+                    .code
+                    .filter(|c| !c.is_empty())
+                    .unwrap_or_else(|| fallback_code.clone()),
+                message: e.message.unwrap_or_default(),
+            })
+            .collect();
+        if out.is_empty() {
+            if let Some(m) = b.details.or(b.message).or(b.error) {
+                out.push(ApiError {
+                    code: fallback_code.clone(),
+                    message: m,
+                });
+            }
+        }
+        if !out.is_empty() {
+            return out;
+        }
+    }
+    let text = String::from_utf8_lossy(body);
+    let first = text.lines().map(str::trim).find(|l| !l.is_empty());
+    vec![ApiError {
+        code: fallback_code,
+        message: match first {
+            Some(l) if !l.starts_with('<') => l.chars().take(200).collect(),
+            _ => http::StatusCode::from_u16(status)
+                .ok()
+                .and_then(|s| s.canonical_reason())
+                .unwrap_or("")
+                .to_string(),
+        },
+    }]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api(status: u16, body: &str) -> RegistryError {
+        RegistryError::Api {
+            repository: "127.0.0.1:5000/app".into(),
+            operation: "put manifest v1".into(),
+            status,
+            errors: parse_error_body(status, body.as_bytes()),
+            retry_after: None,
+        }
+    }
+
+    #[test]
+    fn json_error_bodies_keep_codes() {
+        let e = api(
+            400,
+            r#"{"errors":[{"code":"TAG_INVALID","message":"tag invalid","detail":{"x":1}}]}"#,
+        );
+        assert_eq!(e.code(), Some("TAG_INVALID"));
+        assert!(e.has_code("TAG_INVALID"));
+        assert_eq!(
+            e.to_string(),
+            "127.0.0.1:5000/app: put manifest v1: TAG_INVALID: tag invalid (HTTP 400)"
+        );
+        assert!(!e.is_temporary());
+    }
+
+    #[test]
+    fn bare_statuses_get_a_code() {
+        let e = api(401, "");
+        assert_eq!(e.code(), Some("UNAUTHORIZED"));
+        assert!(e.to_string().contains("UNAUTHORIZED: Unauthorized"), "{e}");
+        assert!(!e.is_temporary());
+        let e = api(503, "<html>busy</html>");
+        assert_eq!(e.code(), Some("UNAVAILABLE"));
+        assert!(e.is_temporary());
+        assert!(api(429, r#"{"details":"slow down"}"#).is_temporary());
+        assert!(api(429, r#"{"details":"slow down"}"#)
+            .to_string()
+            .contains("slow down"));
+        assert!(!api(404, r#"{"errors":[{"code":"MANIFEST_UNKNOWN"}]}"#).is_temporary());
+        assert!(!api(403, r#"{"errors":[{"code":"DENIED","message":"no"}]}"#).is_temporary());
+    }
+}
