@@ -35,7 +35,7 @@ pub enum BuildError {
         message: String,
     },
     /// Pulling the base failed.
-    #[error("pull base image {reference}: {source}")]
+    #[error("pull base image {reference}")]
     Pull {
         /// The reference.
         reference: String,
@@ -47,7 +47,7 @@ pub enum BuildError {
     #[error(transparent)]
     Runtime(#[from] runtime::RuntimeError),
     /// Provisioning failed.
-    #[error("provision: {source}{}", kept.as_ref().map(|k| format!(" (container {k} kept for debugging: docker exec -it {k} /bin/sh; remove it with docker rm -f {k})")).unwrap_or_default())]
+    #[error("provisioning failed{}", kept.as_ref().map(|k| format!(" (container {k} kept for debugging: docker exec -it {k} /bin/sh; remove it with docker rm -f {k})")).unwrap_or_default())]
     Provision {
         /// The cause.
         #[source]
@@ -56,10 +56,10 @@ pub enum BuildError {
         kept: Option<String>,
     },
     /// Producing the layer failed.
-    #[error("layer: {0}")]
+    #[error("producing the layer")]
     Layer(#[from] crate::layer::LayerError),
     /// The local layout failed.
-    #[error("OCI layout: {0}")]
+    #[error("OCI layout")]
     Layout(#[from] crate::layout::LayoutError),
     /// The base image is unusable.
     #[error("base image {reference}: {message}")]
@@ -73,7 +73,7 @@ pub enum BuildError {
     #[error("interrupted; build container removed")]
     Interrupted,
     /// Local I/O.
-    #[error("{0}")]
+    #[error(transparent)]
     Io(#[from] std::io::Error),
 }
 

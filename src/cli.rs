@@ -139,7 +139,8 @@ impl Output {
             return;
         }
         let _g = self.lock.lock();
-        eprintln!("{line}");
+        // A closed stderr (the reader went away) must not turn into a panic.
+        let _ = writeln!(std::io::stderr().lock(), "{line}");
     }
 
     fn bold(&self, s: &str) -> String {
@@ -178,7 +179,7 @@ impl Output {
         } else {
             "error:".to_string()
         };
-        eprintln!("{prefix} {err:#}");
+        let _ = writeln!(std::io::stderr().lock(), "{prefix} {err:#}");
     }
 }
 

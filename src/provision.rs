@@ -27,7 +27,7 @@ pub enum ProvisionError {
         task: Option<String>,
     },
     /// Local I/O (temp files, spawning).
-    #[error("{0}")]
+    #[error(transparent)]
     Io(#[from] std::io::Error),
 }
 

@@ -45,7 +45,7 @@ pub enum RuntimeError {
         source: bollard::errors::Error,
     },
     /// Local I/O.
-    #[error("{0}")]
+    #[error(transparent)]
     Io(#[from] std::io::Error),
 }
 

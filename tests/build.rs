@@ -149,9 +149,23 @@ python3 -c 'print("python-ok")'
         .filter_map(|v| v.as_str())
         .collect();
     assert!(env.contains(&"GREETING=hello"), "{env:?}");
+    let base_cfg: serde_json::Value =
+        serde_json::from_str(&ok_stdout(Command::new("skopeo").args([
+            "inspect",
+            "--config",
+            "--tls-verify=false",
+            &format!("docker://{BASE}"),
+        ])))
+        .unwrap();
+    for e in base_cfg["config"]["Env"].as_array().into_iter().flatten() {
+        assert!(
+            env.contains(&e.as_str().unwrap()),
+            "base env {e} lost: {env:?}"
+        );
+    }
     assert!(
-        env.iter().any(|e| e.starts_with("PATH=")),
-        "base env lost: {env:?}"
+        c["Entrypoint"].is_null(),
+        "the build container's keep-alive leaked into the config: {c}"
     );
     assert!(c["ExposedPorts"].get("8080/tcp").is_some(), "{c}");
     assert!(c["ExposedPorts"].get("53/udp").is_some(), "{c}");
