@@ -414,3 +414,89 @@ fn validate_reports_every_problem_with_lines() {
         "{stderr}"
     );
 }
+
+fn simple_project() -> tempfile::TempDir {
+    let p = project(None);
+    std::fs::copy(fixtures().join("simple.yml"), p.path().join("simple.yml")).unwrap();
+    let y = std::fs::read_to_string(p.path().join("image.yaml"))
+        .unwrap()
+        .replace("playbook: changes.yml", "playbook: simple.yml");
+    write(&p.path().join("image.yaml"), &y);
+    p
+}
+
+fn build_json(dir: &Path, args: &[&str], sde: Option<&str>) -> serde_json::Value {
+    let mut c = wpimg();
+    c.current_dir(dir).arg("build").arg("--json").args(args);
+    if let Some(s) = sde {
+        c.env("SOURCE_DATE_EPOCH", s);
+    }
+    let o = run(&mut c);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "build {args:?} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    json_lines(&stdout).pop().unwrap()
+}
+
+#[test]
+fn upperdir_and_api_paths_give_the_same_digests() {
+    require_fixtures();
+    require("ansible-playbook");
+    let name = unique("wpimg-test/paths");
+    let p = simple_project();
+    let var = format!("name={name}");
+    let a = build_json(
+        p.path(),
+        &["--var", &var, "--layer-path", "upperdir", "--no-cache"],
+        Some("1700000000"),
+    );
+    let b = build_json(
+        p.path(),
+        &["--var", &var, "--layer-path", "api", "--no-cache"],
+        Some("1700000000"),
+    );
+    assert_eq!(a["layer_path"], "upperdir");
+    assert_eq!(b["layer_path"], "api");
+    assert_eq!(a["diff_id"], b["diff_id"], "uncompressed layers differ");
+    assert_eq!(a["layers"], b["layers"], "compressed layers differ");
+    assert_eq!(a["config_digest"], b["config_digest"]);
+    assert_eq!(a["manifest"]["digest"], b["manifest"]["digest"]);
+    assert!(build_containers(&name).is_empty());
+}
+
+#[test]
+fn unchanged_rebuild_hits_the_cache_and_changes_miss() {
+    require_fixtures();
+    require("ansible-playbook");
+    let name = unique("wpimg-test/cache");
+    let p = simple_project();
+    let var = format!("name={name}");
+    let first = build_json(p.path(), &["--var", &var], None);
+    assert_eq!(first["cache"], "miss");
+    let t = Instant::now();
+    let again = build_json(p.path(), &["--var", &var], None);
+    let hit_secs = t.elapsed().as_secs_f64();
+    assert_eq!(again["cache"], "hit");
+    assert_eq!(again["layer_path"], "cache");
+    assert_eq!(
+        again["manifest"]["digest"], first["manifest"]["digest"],
+        "an unchanged rebuild must give the same image"
+    );
+    eprintln!("cache hit rebuild took {hit_secs:.2}s");
+    let changed_var = build_json(p.path(), &["--var", &var, "--var", "marker=m2"], None);
+    assert_eq!(changed_var["cache"], "miss", "a variable change must miss");
+    std::fs::write(
+        p.path().join("simple.yml"),
+        std::fs::read_to_string(p.path().join("simple.yml"))
+            .unwrap()
+            .replace("/opt/simple/file.txt", "/opt/simple/other.txt"),
+    )
+    .unwrap();
+    let changed_pb = build_json(p.path(), &["--var", &var], None);
+    assert_eq!(changed_pb["cache"], "miss", "a playbook change must miss");
+    let forced = build_json(p.path(), &["--var", &var, "--no-cache"], None);
+    assert_eq!(forced["cache"], "miss");
+}
