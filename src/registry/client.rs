@@ -381,12 +381,26 @@ impl Client {
             return false;
         };
         self.requests.fetch_add(1, Ordering::Relaxed);
-        self.http
+        match self
+            .http
             .get(u)
             .timeout(Duration::from_secs(10))
             .send()
             .await
-            .is_ok()
+        {
+            Ok(_) => true,
+            Err(e) => {
+                // A certificate problem means TLS is spoken: stay on https so the user sees it.
+                let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+                while let Some(c) = cur {
+                    if c.to_string().to_ascii_lowercase().contains("certificate") {
+                        return true;
+                    }
+                    cur = c.source();
+                }
+                false
+            }
+        }
     }
 
     pub(crate) async fn repo(

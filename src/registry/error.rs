@@ -39,7 +39,7 @@ pub enum RegistryError {
         retry_after: Option<Duration>,
     },
     /// The request could not be sent or the answer not read.
-    #[error("{repository}: {operation}: {source}")]
+    #[error("{repository}: {operation}: {}", root_cause(.source))]
     Transport {
         /// `registry/repository`.
         repository: String,
@@ -165,6 +165,15 @@ pub enum RegistryError {
         /// Platforms the index offers.
         available: Vec<String>,
     },
+}
+
+/// The innermost cause of an error (reqwest's own message is only "error sending request").
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
 }
 
 struct ApiErrors<'a>(&'a [ApiError]);

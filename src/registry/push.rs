@@ -306,6 +306,11 @@ impl Client {
             plan.blobs
                 .iter()
                 .map(|d| {
+                    reporter.event(Event::BlobStart {
+                        digest: d.digest.to_string(),
+                        size: d.size,
+                        direction: "push".into(),
+                    });
                     reporter.event(Event::BlobDone {
                         digest: d.digest.to_string(),
                         size: d.size,

@@ -5,7 +5,6 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -530,7 +529,18 @@ async fn route(sh: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     }
     if let Some(ta) = &sh.mode.token_auth {
         if path == "/token" {
-            return token_endpoint(sh, ta, &req, &query);
+            let (parts, body) = req.into_parts();
+            let form = if parts.method == "POST" {
+                let b = body
+                    .collect()
+                    .await
+                    .map(|c| c.to_bytes())
+                    .unwrap_or_default();
+                Some(String::from_utf8_lossy(&b).into_owned())
+            } else {
+                None
+            };
+            return token_endpoint(sh, ta, &parts.headers, &query, form.as_deref());
         }
         let mut needed: Vec<(String, String)> = Vec::new();
         if let Some(repo) = repo_of(&path) {
@@ -604,33 +614,57 @@ async fn route(sh: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
 fn token_endpoint(
     sh: &Arc<Shared>,
     ta: &TokenAuth,
-    req: &Request<Incoming>,
+    headers: &http::HeaderMap,
     query: &str,
+    form: Option<&str>,
 ) -> Response<Body> {
     use base64::Engine as _;
-    let basic = req
-        .headers()
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Basic "))
-        .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
-        .and_then(|b| String::from_utf8(b).ok());
-    let authenticated = match basic {
-        Some(up) if up == format!("{}:{}", ta.username, ta.password) => true,
-        Some(_) => {
-            return full(
-                StatusCode::UNAUTHORIZED,
-                &[("content-type", "application/json".into())],
-                r#"{"details":"incorrect username or password"}"#,
-            )
+    let refused = || {
+        full(
+            StatusCode::UNAUTHORIZED,
+            &[("content-type", "application/json".into())],
+            r#"{"details":"incorrect username or password"}"#,
+        )
+    };
+    // OAuth2 refresh-token grant (Docker's identity tokens): the password is the valid token.
+    let mut scopes: Vec<String> = Vec::new();
+    let authenticated = if let Some(form) = form {
+        let f = query_params(form);
+        let get = |k: &str| f.iter().find(|(fk, _)| fk == k).map(|(_, v)| v.clone());
+        if get("grant_type").as_deref() != Some("refresh_token")
+            || get("refresh_token").as_deref() != Some(ta.password.as_str())
+        {
+            return refused();
         }
-        None => false,
+        scopes.extend(
+            get("scope")
+                .unwrap_or_default()
+                .split(' ')
+                .filter(|s| !s.is_empty())
+                .map(str::to_string),
+        );
+        true
+    } else {
+        let basic = headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Basic "))
+            .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+            .and_then(|b| String::from_utf8(b).ok());
+        scopes.extend(
+            query_params(query)
+                .into_iter()
+                .filter(|(k, _)| k == "scope")
+                .map(|(_, v)| v),
+        );
+        match basic {
+            Some(up) if up == format!("{}:{}", ta.username, ta.password) => true,
+            Some(_) => return refused(),
+            None => false,
+        }
     };
     let mut grants = Vec::new();
-    for (k, v) in query_params(query) {
-        if k != "scope" {
-            continue;
-        }
+    for v in scopes {
         let parts: Vec<&str> = v.splitn(3, ':').collect();
         if parts.len() == 3 && parts[0] == "repository" {
             let actions = if authenticated {
@@ -852,27 +886,8 @@ impl TestImage {
 
 /// Write a layer of `size` pseudo-random bytes (seeded) into the layout, streaming.
 pub fn random_blob(layout: &Layout, size: u64, seed: u64) -> Descriptor {
-    // A 1 MiB random block, then each further block derived from it cheaply (xor with a
-    // per-block counter word): incompressible enough and fast in debug builds.
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut base = vec![0u64; (1 << 20) / 8];
-    for x in base.iter_mut() {
-        *x = rng.next_u64();
-    }
     let mut w = layout.blob_writer().unwrap();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut left = size;
-    let mut block = 0u64;
-    while left > 0 {
-        let n = left.min(buf.len() as u64) as usize;
-        let salt = block.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ seed;
-        for (chunk, b) in buf.chunks_exact_mut(8).zip(&base) {
-            chunk.copy_from_slice(&(b ^ salt).to_le_bytes());
-        }
-        w.write_all(&buf[..n]).unwrap();
-        left -= n as u64;
-        block += 1;
-    }
+    std::io::copy(&mut RandomReader::new(size, seed), &mut w).unwrap();
     let (d, n) = w.commit(None, Some(size)).unwrap();
     Descriptor::new(oci::MEDIA_TYPE_OCI_LAYER_GZIP, d, n)
 }
@@ -943,22 +958,78 @@ pub fn random_image(layout: &Layout, tag: &str, layer_sizes: &[u64], seed: u64) 
     )
 }
 
+/// Reader of `size` pseudo-random bytes: a 1 MiB random block, each further block the same
+/// xor a per-block word (incompressible enough, fast in debug builds).
+pub struct RandomReader {
+    base: Vec<u8>,
+    seed: u64,
+    pos: u64,
+    size: u64,
+}
+
+impl RandomReader {
+    /// `size` bytes from `seed`.
+    pub fn new(size: u64, seed: u64) -> Self {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut base = vec![0u8; 1 << 20];
+        rng.fill_bytes(&mut base);
+        Self {
+            base,
+            seed,
+            pos: 0,
+            size,
+        }
+    }
+}
+
+impl std::io::Read for RandomReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        let block_len = self.base.len() as u64;
+        let block = self.pos / block_len;
+        let off = (self.pos % block_len) as usize;
+        let n = (out.len() as u64)
+            .min(self.size - self.pos)
+            .min(block_len - off as u64) as usize;
+        let salt = (block.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ self.seed).to_le_bytes();
+        for (i, (o, b)) in out[..n]
+            .iter_mut()
+            .zip(&self.base[off..off + n])
+            .enumerate()
+        {
+            *o = b ^ salt[(off + i) % 8];
+        }
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
 /// A valid gzip tar layer holding one file of `size` pseudo-random bytes; returns the layer
 /// descriptor and its diff_id.
 pub fn random_tar_layer(layout: &Layout, size: u64, seed: u64) -> (Descriptor, Digest) {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    random_tar_layer_with(layout, size, seed, flate2::Compression::fast())
+}
+
+/// [`random_tar_layer`] with a chosen gzip level (`none()` stores: fast for big layers).
+pub fn random_tar_layer_with(
+    layout: &Layout,
+    size: u64,
+    seed: u64,
+    level: flate2::Compression,
+) -> (Descriptor, Digest) {
     let mut w = layout.blob_writer().unwrap();
     let diff_id = {
-        let gz = flate2::write::GzEncoder::new(&mut w, flate2::Compression::fast());
+        let gz = flate2::write::GzEncoder::new(&mut w, level);
         let mut tar = tar::Builder::new(HashingWriter::new(gz));
-        let mut data = vec![0u8; size as usize];
-        rng.fill_bytes(&mut data);
         let mut h = tar::Header::new_gnu();
         h.set_size(size);
         h.set_mode(0o644);
         h.set_entry_type(tar::EntryType::Regular);
-        tar.append_data(&mut h, format!("data-{seed}"), &data[..])
-            .unwrap();
+        tar.append_data(
+            &mut h,
+            format!("data-{seed}"),
+            RandomReader::new(size, seed),
+        )
+        .unwrap();
         let (gz, diff_id, _) = tar.into_inner().unwrap().finish();
         gz.finish().unwrap();
         diff_id
