@@ -71,6 +71,8 @@ pub enum Command {
         #[arg(default_value = "image.yaml")]
         image_yaml: PathBuf,
     },
+    /// Push an image of the local layout to a registry (or Amazon ECR).
+    Push(PushCmd),
     /// Show an image of the local layout (layers, sizes, config, history).
     Inspect {
         /// `NAME[:TAG]` in the layout.
@@ -101,6 +103,56 @@ pub struct BuildArgs {
     /// Do not reuse a cached layer (the new one is still cached).
     #[arg(long)]
     pub no_cache: bool,
+    /// Push the result after building (to target.repository, or --to).
+    #[arg(long)]
+    pub push: bool,
+    /// Push options (with --push).
+    #[command(flatten)]
+    pub push_args: PushArgs,
+}
+
+/// `wpimg push` arguments.
+#[derive(Debug, Args)]
+pub struct PushCmd {
+    /// The image.yaml whose built image is pushed.
+    #[arg(default_value = "image.yaml")]
+    pub image_yaml: PathBuf,
+    /// Push this image instead: `oci:DIR:NAME:TAG` (any OCI image layout).
+    #[arg(long, value_name = "oci:DIR:NAME:TAG")]
+    pub from: Option<String>,
+    /// Push options.
+    #[command(flatten)]
+    pub push_args: PushArgs,
+}
+
+/// Options of a push (shared by `push` and `build --push`).
+#[derive(Debug, Args, Clone)]
+pub struct PushArgs {
+    /// Destination repository `HOST/PATH[:TAG]` [default: target.repository].
+    #[arg(long, value_name = "REPOSITORY")]
+    pub to: Option<String>,
+    /// Tag to push (repeatable) [default: target.tags, else the tag in --to, else latest].
+    #[arg(long = "tag", value_name = "TAG")]
+    pub tags: Vec<String>,
+    /// Concurrent blob uploads.
+    #[arg(long, default_value_t = crate::registry::DEFAULT_JOBS, value_parser = parse_jobs)]
+    pub jobs: usize,
+    /// Chunk size of chunked uploads in bytes (at least 5 MiB).
+    #[arg(long, value_name = "BYTES", default_value_t = crate::registry::MIN_CHUNK_SIZE)]
+    pub chunk_size: u64,
+    /// Use chunked (PATCH) uploads instead of monolithic streaming uploads.
+    #[arg(long)]
+    pub force_chunked: bool,
+    /// Registry user name (password read from stdin with --password-stdin).
+    #[arg(long, requires = "password_stdin")]
+    pub username: Option<String>,
+    /// Read the registry password from stdin.
+    #[arg(long, requires = "username")]
+    pub password_stdin: bool,
+    /// Send the destination registry's requests to this base URL (mirror or test endpoint);
+    /// the registry name in references stays the same.
+    #[arg(long, value_name = "URL")]
+    pub registry_endpoint: Option<url::Url>,
 }
 
 /// Output renderer: JSON lines on stdout, or human lines on stderr.
@@ -351,7 +403,58 @@ async fn dispatch(cli: &Cli, out: &Arc<Output>) -> Result<(), Failure> {
                 .await
                 .with_context(|| format!("build {}", b.image_yaml.display()))?;
             summary(out, &report);
-            out.result("build", serde_json::to_value(&report).unwrap_or_default());
+            let mut result = serde_json::to_value(&report).unwrap_or_default();
+            if b.push {
+                let layout = crate::layout::Layout::open(&opts.oci_dir)?;
+                let pushed =
+                    push(g, &b.push_args, Some(&spec), &layout, &report.manifest, out).await?;
+                if let serde_json::Value::Object(m) = &mut result {
+                    m.insert("image_uri".into(), pushed["image_uri"].clone());
+                    m.insert("push".into(), pushed);
+                }
+            }
+            out.result("build", result);
+            Ok(())
+        }
+        Command::Push(p) => {
+            let (spec, layout, desc) = match &p.from {
+                Some(from) => {
+                    let (dir, reference) = parse_oci_from(from).map_err(bad_input)?;
+                    let layout = crate::layout::Layout::open(&dir)
+                        .with_context(|| format!("open OCI layout {}", dir.display()))
+                        .map_err(bad_input)?;
+                    let desc = match &reference {
+                        Some(r) => layout.resolve(r).map_err(|e| bad_input(e.into()))?,
+                        None => single_image(&layout).map_err(bad_input)?,
+                    };
+                    (None, layout, desc)
+                }
+                None => {
+                    let spec = load_spec(&p.image_yaml, g)?;
+                    let dir = oci_dir(g, &p.image_yaml);
+                    let layout = crate::layout::Layout::open(&dir)
+                        .with_context(|| {
+                            format!(
+                                "no OCI layout at {}: run wpimg build {} first",
+                                dir.display(),
+                                p.image_yaml.display()
+                            )
+                        })
+                        .map_err(bad_input)?;
+                    let desc = layout
+                        .resolve(&spec.local_ref())
+                        .with_context(|| {
+                            format!(
+                                "image {} not built yet: run wpimg build first",
+                                spec.local_ref()
+                            )
+                        })
+                        .map_err(bad_input)?;
+                    (Some(spec), layout, desc)
+                }
+            };
+            let pushed = push(g, &p.push_args, spec.as_ref(), &layout, &desc, out).await?;
+            out.result("push", pushed);
             Ok(())
         }
         Command::Inspect { reference } => {
@@ -372,6 +475,134 @@ async fn dispatch(cli: &Cli, out: &Arc<Output>) -> Result<(), Failure> {
             Ok(())
         }
     }
+}
+
+/// `oci:DIR[:REF]` → (DIR, REF).
+fn parse_oci_from(s: &str) -> anyhow::Result<(PathBuf, Option<String>)> {
+    let rest = s
+        .strip_prefix("oci:")
+        .ok_or_else(|| anyhow::anyhow!("--from {s:?}: expected oci:DIR:NAME:TAG"))?;
+    match rest.split_once(':') {
+        Some((dir, r)) if !r.is_empty() => Ok((PathBuf::from(dir), Some(r.to_string()))),
+        _ => Ok((PathBuf::from(rest.trim_end_matches(':')), None)),
+    }
+}
+
+/// The only image of a layout (for `--from oci:DIR`).
+fn single_image(layout: &crate::layout::Layout) -> anyhow::Result<crate::oci::Descriptor> {
+    let idx = layout.index()?;
+    match idx.manifests.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => anyhow::bail!("OCI layout {} holds no image", layout.dir().display()),
+        _ => anyhow::bail!(
+            "OCI layout {} holds {} images: name one with oci:DIR:NAME:TAG",
+            layout.dir().display(),
+            idx.manifests.len()
+        ),
+    }
+}
+
+/// Destination and tags of a push from flags and image.yaml.
+pub fn push_destination(
+    args: &PushArgs,
+    spec: Option<&crate::spec::ImageSpec>,
+) -> anyhow::Result<(crate::reference::Reference, Vec<String>)> {
+    let target = spec.and_then(|s| s.target.as_ref());
+    let repo = match (&args.to, target) {
+        (Some(to), _) => to.clone(),
+        (None, Some(t)) => t.repository.clone(),
+        (None, None) => anyhow::bail!(
+            "no destination: pass --to REPOSITORY or set target.repository in image.yaml"
+        ),
+    };
+    let dest = crate::reference::Reference::parse(&repo)?;
+    let mut tags = args.tags.clone();
+    if tags.is_empty() && args.to.is_none() {
+        if let Some(t) = target {
+            tags = t.tags.clone();
+        }
+    }
+    if tags.is_empty() && dest.tag.is_none() {
+        tags.push("latest".into());
+    }
+    Ok((dest, tags))
+}
+
+async fn push(
+    g: &GlobalArgs,
+    args: &PushArgs,
+    spec: Option<&crate::spec::ImageSpec>,
+    layout: &crate::layout::Layout,
+    desc: &crate::oci::Descriptor,
+    out: &Arc<Output>,
+) -> Result<serde_json::Value, Failure> {
+    let (dest, tags) = push_destination(args, spec).map_err(bad_input)?;
+    let mut opts = crate::registry::ClientOptions {
+        insecure_hosts: g.insecure_registries.clone(),
+        ca_file: g.ca_file.clone(),
+        jobs: args.jobs,
+        chunk_size: args.chunk_size,
+        force_chunked: args.force_chunked,
+        ..Default::default()
+    };
+    if args.chunk_size < crate::registry::MIN_CHUNK_SIZE {
+        return Err(bad_input(anyhow::anyhow!(
+            "--chunk-size {}: at least {} bytes (5 MiB, Amazon ECR's minimum part size)",
+            args.chunk_size,
+            crate::registry::MIN_CHUNK_SIZE
+        )));
+    }
+    if let Some(url) = &args.registry_endpoint {
+        opts = opts.with_endpoint(&dest.registry, url.clone());
+    }
+    if let (Some(user), true) = (&args.username, args.password_stdin) {
+        let mut password = String::new();
+        std::io::stdin()
+            .read_line(&mut password)
+            .context("read the password from stdin")?;
+        let password = password.trim_end_matches(['\n', '\r']).to_string();
+        if password.is_empty() {
+            return Err(bad_input(anyhow::anyhow!(
+                "--password-stdin: stdin held no password"
+            )));
+        }
+        opts = opts.with_credential(
+            &dest.registry,
+            crate::auth::Credential::Basic {
+                username: user.clone(),
+                password: crate::auth::Secret::new(password),
+            },
+        );
+    }
+    let client = crate::registry::Client::new(opts).map_err(|e| bad_input(e.into()))?;
+    let rep: SharedReporter = out.clone();
+    rep.event(Event::StageStart {
+        stage: "push".into(),
+    });
+    let report = client
+        .push_image(layout, desc, &dest, &tags, &rep)
+        .await
+        .with_context(|| format!("push to {}", dest.repo_path()))?;
+    rep.event(Event::StageFinish {
+        stage: "push".into(),
+        seconds: report.seconds,
+    });
+    let uri = format!("{}@{}", dest.repo_path(), report.manifest.digest);
+    out.say(&format!(
+        "pushed {uri} tags [{}]: {} uploaded, {} mounted, {} skipped, {:.1} MB in {:.1}s",
+        report.tags.join(", "),
+        report.count(crate::events::BlobOutcome::Uploaded),
+        report.count(crate::events::BlobOutcome::Mounted),
+        report.count(crate::events::BlobOutcome::Skipped),
+        report.bytes_uploaded as f64 / 1e6,
+        report.seconds
+    ));
+    let mut v = serde_json::to_value(&report).unwrap_or_default();
+    if let serde_json::Value::Object(m) = &mut v {
+        m.insert("image_uri".into(), uri.into());
+        m.insert("digest".into(), report.manifest.digest.to_string().into());
+    }
+    Ok(v)
 }
 
 fn summary(out: &Output, r: &crate::build::BuildReport) {
@@ -414,4 +645,11 @@ fn inspect_local(dir: &Path, reference: &str) -> Result<serde_json::Value, Failu
         "config": config,
         "total_size": manifest.layers.iter().map(|l| l.size).sum::<u64>(),
     }))
+}
+
+fn parse_jobs(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if (1..=64).contains(&n) => Ok(n),
+        _ => Err(format!("{s:?}: a number from 1 to 64")),
+    }
 }
