@@ -162,18 +162,25 @@ pub struct Output {
     verbose: bool,
     color: bool,
     lock: Mutex<()>,
+    /// Progress bars on a terminal.
+    bars: Option<indicatif::MultiProgress>,
+    active: Mutex<std::collections::HashMap<String, indicatif::ProgressBar>>,
 }
 
 impl Output {
     /// A renderer for these flags.
     pub fn new(g: &GlobalArgs) -> Arc<Self> {
-        let color = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+        let tty = std::io::stderr().is_terminal();
+        let color = tty && std::env::var_os("NO_COLOR").is_none();
+        let bars = (tty && !g.json && !g.quiet).then(indicatif::MultiProgress::new);
         Arc::new(Self {
             json: g.json,
             quiet: g.quiet,
             verbose: g.verbose,
             color,
             lock: Mutex::new(()),
+            bars,
+            active: Mutex::new(Default::default()),
         })
     }
 
@@ -188,6 +195,10 @@ impl Output {
     /// A human line on stderr (suppressed by -q and in --json mode).
     pub fn say(&self, line: &str) {
         if self.quiet || self.json {
+            return;
+        }
+        if let Some(b) = &self.bars {
+            let _ = b.println(line);
             return;
         }
         let _g = self.lock.lock();
@@ -253,15 +264,46 @@ impl Reporter for Output {
                 }
             }
             Event::Output { source, line } => self.say(&format!("    {source} | {line}")),
-            Event::BlobStart { .. } | Event::BlobProgress { .. } => {}
+            Event::BlobStart {
+                digest,
+                size,
+                direction,
+            } => {
+                if let (Some(mp), Ok(mut active)) = (&self.bars, self.active.lock()) {
+                    let bar = mp.add(indicatif::ProgressBar::new(size));
+                    bar.set_style(
+                        indicatif::ProgressStyle::with_template(
+                            "    {prefix} {bar:30} {bytes}/{total_bytes} {binary_bytes_per_sec}",
+                        )
+                        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                    );
+                    bar.set_prefix(format!("{direction} {}", short(&digest)));
+                    active.insert(digest, bar);
+                }
+            }
+            Event::BlobProgress { digest, done } => {
+                if let Some(bar) = self.active.lock().ok().and_then(|a| a.get(&digest).cloned()) {
+                    bar.set_position(done);
+                }
+            }
             Event::BlobDone {
                 digest,
                 size,
                 outcome,
             } => {
-                if self.verbose {
-                    self.say(&format!("    {digest} {size} bytes {outcome:?}"))
+                let bar = self.active.lock().ok().and_then(|mut a| a.remove(&digest));
+                if let Some(bar) = bar {
+                    bar.finish_and_clear();
                 }
+                self.say(&format!(
+                    "    {} {:>10} {}",
+                    short(&digest),
+                    human_bytes(size),
+                    serde_json::to_value(outcome)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_string))
+                        .unwrap_or_default()
+                ));
             }
             Event::Note { message } => {
                 if self.verbose {
@@ -651,5 +693,22 @@ fn parse_jobs(s: &str) -> Result<usize, String> {
     match s.parse::<usize>() {
         Ok(n) if (1..=64).contains(&n) => Ok(n),
         _ => Err(format!("{s:?}: a number from 1 to 64")),
+    }
+}
+
+fn short(digest: &str) -> &str {
+    digest.get(..19).unwrap_or(digest)
+}
+
+fn human_bytes(n: u64) -> String {
+    let n = n as f64;
+    if n >= 1e9 {
+        format!("{:.2} GB", n / 1e9)
+    } else if n >= 1e6 {
+        format!("{:.1} MB", n / 1e6)
+    } else if n >= 1e3 {
+        format!("{:.1} kB", n / 1e3)
+    } else {
+        format!("{n} B")
     }
 }
