@@ -1,6 +1,8 @@
 //! Shared support for integration tests: real components only; a missing one fails the test.
 #![allow(dead_code)]
 
+pub mod ecr;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
