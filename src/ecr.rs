@@ -46,11 +46,15 @@ pub enum EcrError {
     },
     /// No region from `--region`, `target.ecr.region`, the repository host or the AWS config.
     #[error(
-        "no AWS region for ECR: pass --region, set target.ecr.region, use a full repository \
+        "no AWS region for ECR{}: pass --region, set target.ecr.region, use a full repository \
          host (ACCOUNT.dkr.ecr.REGION.amazonaws.com/NAME), or configure one (AWS_REGION, or \
-         `region` in the AWS profile)"
+         `region` in the AWS profile)",
+        profile.as_ref().map(|p| format!(" (profile {p} has no region, or does not exist)")).unwrap_or_default()
     )]
-    NoRegion,
+    NoRegion {
+        /// The profile asked for, if any.
+        profile: Option<String>,
+    },
     /// The chosen region differs from the region in the repository host.
     #[error(
         "region {region} (from {from}) does not match repository host {host}, which is in {host_region}"
@@ -1097,13 +1101,16 @@ impl EcrClient {
     /// `AWS_ENDPOINT_URL_ECR` / `AWS_ENDPOINT_URL` redirect the API (tests, VPC endpoints).
     pub async fn new(region: Option<String>, profile: Option<String>) -> Result<Self, EcrError> {
         let mut loader = aws_config::defaults(BehaviorVersion::latest());
-        if let Some(p) = profile {
+        if let Some(p) = &profile {
             loader = loader.profile_name(p);
         }
         if let Some(r) = region {
             loader = loader.region(Region::new(r));
         }
-        Self::from_sdk_config(&loader.load().await)
+        Self::from_sdk_config(&loader.load().await).map_err(|e| match e {
+            EcrError::NoRegion { .. } => EcrError::NoRegion { profile },
+            e => e,
+        })
     }
 
     /// Client from a prepared SDK config (must have a region).
@@ -1112,7 +1119,7 @@ impl EcrClient {
             .region()
             .map(|r| r.to_string())
             .filter(|r| !r.is_empty())
-            .ok_or(EcrError::NoRegion)?;
+            .ok_or(EcrError::NoRegion { profile: None })?;
         Ok(Self {
             client: aws_sdk_ecr::Client::new(config),
             region,

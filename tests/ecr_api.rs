@@ -434,7 +434,7 @@ async fn unreachable_api_and_missing_credentials_are_clear() {
         .build();
     let e = EcrClient::from_sdk_config(&cfg).unwrap_err();
     eprintln!("{e}");
-    assert!(matches!(e, EcrError::NoRegion), "{e:?}");
+    assert!(matches!(e, EcrError::NoRegion { .. }), "{e:?}");
 }
 
 /// `EcrClient::new` goes through the real default chain: AWS_ENDPOINT_URL_ECR, a profile from
@@ -513,6 +513,10 @@ fn default_chain_child() {
             "{}",
             a.proxy_endpoint
         );
+        // A profile that does not exist: no region, and the message names the profile.
+        let e = EcrClient::new(None, Some("nope".into())).await.unwrap_err();
+        eprintln!("{e}");
+        assert!(e.to_string().contains("profile nope"), "{e}");
         // A profile without credentials (and no other source): a clear error, not a hang.
         let c2 = EcrClient::new(None, Some("nocreds".into())).await.unwrap();
         let e = c2.authorization().await.unwrap_err();
