@@ -6,6 +6,7 @@ pub mod auth;
 pub mod build;
 pub mod cache;
 pub mod cli;
+pub mod ecr;
 pub mod events;
 pub mod layer;
 pub mod layout;

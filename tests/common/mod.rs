@@ -1,6 +1,7 @@
 //! Shared support for integration tests: real components only; a missing one fails the test.
 #![allow(dead_code)]
 
+pub mod ecr;
 pub mod layer;
 pub mod registry;
 
