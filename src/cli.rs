@@ -15,6 +15,8 @@ pub const EXIT_OK: i32 = 0;
 pub const EXIT_FAILURE: i32 = 1;
 /// Exit code: bad input (image.yaml, flags, references).
 pub const EXIT_BAD_INPUT: i32 = 2;
+/// Exit code: `--fail-on` found scan findings at or above the threshold.
+pub const EXIT_FINDINGS: i32 = 3;
 /// Exit code: interrupted by SIGINT/SIGTERM.
 pub const EXIT_INTERRUPTED: i32 = 130;
 
@@ -153,6 +155,25 @@ pub struct PushArgs {
     /// the registry name in references stays the same.
     #[arg(long, value_name = "URL")]
     pub registry_endpoint: Option<url::Url>,
+    /// Push to Amazon ECR: credentials from the AWS SDK chain, repository from target.ecr.
+    #[arg(long)]
+    pub ecr: bool,
+    /// AWS region (beats target.ecr.region and the repository host).
+    #[arg(long, requires = "ecr")]
+    pub region: Option<String>,
+    /// AWS profile (default: AWS_PROFILE or the default chain).
+    #[arg(long, requires = "ecr")]
+    pub profile: Option<String>,
+    /// Wait for the ECR image scan and print its findings summary.
+    #[arg(long, requires = "ecr")]
+    pub wait_scan: bool,
+    /// How long --wait-scan waits, in seconds.
+    #[arg(long, default_value_t = 900, value_name = "SECONDS")]
+    pub scan_timeout: u64,
+    /// Exit with code 3 when the scan finds anything at or above this severity
+    /// (INFORMATIONAL, LOW, MEDIUM, HIGH, CRITICAL).
+    #[arg(long, requires = "wait_scan", value_name = "SEVERITY", value_parser = clap::builder::ValueParser::new(|s: &str| s.parse::<crate::ecr::Severity>()))]
+    pub fail_on: Option<crate::ecr::Severity>,
 }
 
 /// Output renderer: JSON lines on stdout, or human lines on stderr.
@@ -282,7 +303,12 @@ impl Reporter for Output {
                 }
             }
             Event::BlobProgress { digest, done } => {
-                if let Some(bar) = self.active.lock().ok().and_then(|a| a.get(&digest).cloned()) {
+                if let Some(bar) = self
+                    .active
+                    .lock()
+                    .ok()
+                    .and_then(|a| a.get(&digest).cloned())
+                {
                     bar.set_position(done);
                 }
             }
@@ -349,6 +375,12 @@ pub fn exit_code_for(e: &anyhow::Error) -> i32 {
             return EXIT_INTERRUPTED;
         }
         if let Some(crate::build::BuildError::BadReference { .. }) = cause.downcast_ref() {
+            return EXIT_BAD_INPUT;
+        }
+        if let Some(crate::publish::PublishError::Findings { .. }) = cause.downcast_ref() {
+            return EXIT_FINDINGS;
+        }
+        if let Some(crate::ecr::EcrError::InvalidRepository { .. }) = cause.downcast_ref() {
             return EXIT_BAD_INPUT;
         }
     }
@@ -578,6 +610,9 @@ async fn push(
     desc: &crate::oci::Descriptor,
     out: &Arc<Output>,
 ) -> Result<serde_json::Value, Failure> {
+    if args.ecr {
+        return push_ecr(g, args, spec, layout, desc, out).await;
+    }
     let (dest, tags) = push_destination(args, spec).map_err(bad_input)?;
     let mut opts = crate::registry::ClientOptions {
         insecure_hosts: g.insecure_registries.clone(),
@@ -643,6 +678,76 @@ async fn push(
     if let serde_json::Value::Object(m) = &mut v {
         m.insert("image_uri".into(), uri.into());
         m.insert("digest".into(), report.manifest.digest.to_string().into());
+    }
+    Ok(v)
+}
+
+async fn push_ecr(
+    g: &GlobalArgs,
+    args: &PushArgs,
+    spec: Option<&crate::spec::ImageSpec>,
+    layout: &crate::layout::Layout,
+    desc: &crate::oci::Descriptor,
+    out: &Arc<Output>,
+) -> Result<serde_json::Value, Failure> {
+    let target = spec.and_then(|s| s.target.as_ref());
+    let repository = match (&args.to, target) {
+        (Some(to), _) => to.clone(),
+        (None, Some(t)) => t.repository.clone(),
+        (None, None) => {
+            return Err(bad_input(anyhow::anyhow!(
+                "no destination: pass --to REPOSITORY or set target.repository in image.yaml"
+            )))
+        }
+    };
+    let mut tags = args.tags.clone();
+    if tags.is_empty() {
+        tags = target.map(|t| t.tags.clone()).unwrap_or_default();
+    }
+    if tags.is_empty() {
+        tags.push("latest".into());
+    }
+    let client = crate::registry::ClientOptions {
+        insecure_hosts: g.insecure_registries.clone(),
+        ca_file: g.ca_file.clone(),
+        jobs: args.jobs,
+        chunk_size: args.chunk_size,
+        force_chunked: args.force_chunked,
+        ..Default::default()
+    };
+    let settings = target.and_then(|t| t.ecr.clone()).unwrap_or_default();
+    let opts = crate::publish::EcrPushOptions {
+        repository: repository.clone(),
+        tags,
+        settings,
+        region: args.region.clone(),
+        profile: args.profile.clone(),
+        client,
+        registry_endpoint: args.registry_endpoint.clone(),
+        wait_scan: args
+            .wait_scan
+            .then(|| std::time::Duration::from_secs(args.scan_timeout)),
+        fail_on: args.fail_on,
+    };
+    let rep: SharedReporter = out.clone();
+    rep.event(Event::StageStart {
+        stage: "push".into(),
+    });
+    let started = std::time::Instant::now();
+    let report = crate::publish::push_to_ecr(layout, desc, opts, &rep)
+        .await
+        .with_context(|| format!("push to ECR repository {repository}"))?;
+    rep.event(Event::StageFinish {
+        stage: "push".into(),
+        seconds: started.elapsed().as_secs_f64(),
+    });
+    out.say(&format!("pushed {}", report.image_uri));
+    if let Some(s) = &report.scan {
+        out.say(&format!("{s}"));
+    }
+    let mut v = serde_json::to_value(&report).unwrap_or_default();
+    if let serde_json::Value::Object(m) = &mut v {
+        m.insert("digest".into(), desc.digest.to_string().into());
     }
     Ok(v)
 }

@@ -12,6 +12,7 @@ pub mod layer;
 pub mod layout;
 pub mod oci;
 pub mod provision;
+pub mod publish;
 pub mod reference;
 pub mod registry;
 pub mod runtime;

@@ -512,7 +512,7 @@ async fn route(sh: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     let query = req.uri().query().unwrap_or("").to_string();
     if let (Some((every, status)), Some(_)) = (sh.mode.flaky, repo_of(&path)) {
         let n = sh.seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
-        if n % every == 0 {
+        if n.is_multiple_of(every) {
             drain(req.into_body()).await;
             let status = StatusCode::from_u16(status).unwrap();
             let code = if status == StatusCode::TOO_MANY_REQUESTS {

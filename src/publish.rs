@@ -1,0 +1,191 @@
+//! Pushing to Amazon ECR: the ECR API (repository, tag immutability, token, scan) around the
+//! registry client's push.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use serde::Serialize;
+
+use crate::auth::{AuthError, Credential, CredentialProvider};
+use crate::ecr::{self, EcrClient, EcrError, EcrRepoRef, ScanSummary, Severity, TokenFn};
+use crate::events::{Event, SharedReporter};
+use crate::layout::Layout;
+use crate::oci::Descriptor;
+use crate::reference::Reference;
+use crate::registry::{Client, ClientOptions, PushReport, RegistryError};
+use crate::spec::EcrSettings;
+
+/// Errors of an ECR push.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// The ECR API refused or failed.
+    #[error(transparent)]
+    Ecr(#[from] EcrError),
+    /// The registry data plane failed.
+    #[error(transparent)]
+    Registry(#[from] Box<RegistryError>),
+    /// Scan findings at or above `--fail-on`.
+    #[error("image scan found {count} finding(s) at or above {severity:?}: {summary}")]
+    Findings {
+        /// Threshold.
+        severity: Severity,
+        /// Findings at or above it.
+        count: i64,
+        /// The whole summary.
+        summary: String,
+    },
+    /// The destination cannot be a registry reference.
+    #[error("ECR repository {0:?} is not a valid reference")]
+    BadRepository(String),
+}
+
+/// Options of an ECR push.
+#[derive(Clone, Default)]
+pub struct EcrPushOptions {
+    /// `target.repository` or `--to` (full ECR URI or a bare repository name).
+    pub repository: String,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// `target.ecr` settings.
+    pub settings: EcrSettings,
+    /// `--region`.
+    pub region: Option<String>,
+    /// `--profile`.
+    pub profile: Option<String>,
+    /// Registry client options (jobs, chunking, TLS).
+    pub client: ClientOptions,
+    /// `--registry-endpoint`: send the ECR registry's requests here (mirror or test registry).
+    pub registry_endpoint: Option<url::Url>,
+    /// `--wait-scan` timeout.
+    pub wait_scan: Option<Duration>,
+    /// `--fail-on`.
+    pub fail_on: Option<Severity>,
+}
+
+/// What an ECR push did.
+#[derive(Debug, Serialize)]
+pub struct EcrPushReport {
+    /// `HOST/REPO@sha256:...` for task definitions.
+    pub image_uri: String,
+    /// Whether the repository was created.
+    pub repository_created: bool,
+    /// Settings of an existing repository that differ from image.yaml.
+    pub warnings: Vec<String>,
+    /// Tags that already pointed at this digest.
+    pub unchanged_tags: Vec<String>,
+    /// The registry push (absent when every tag already held this image).
+    pub push: Option<PushReport>,
+    /// Scan result with `--wait-scan`.
+    pub scan: Option<ScanSummary>,
+}
+
+/// Credentials for the registry from ECR tokens, refreshed on a 401.
+struct EcrTokens(TokenFn);
+
+impl CredentialProvider for EcrTokens {
+    fn credential<'a>(
+        &'a self,
+        registry: &'a str,
+        refresh: bool,
+    ) -> BoxFuture<'a, Result<Credential, AuthError>> {
+        let f = (self.0)(refresh);
+        Box::pin(async move {
+            let (username, password) = f.await.map_err(|e| AuthError::Provider {
+                registry: registry.to_string(),
+                source: Box::new(e),
+            })?;
+            Ok(Credential::Basic { username, password })
+        })
+    }
+}
+
+/// Push `manifest` from `layout` to ECR: ensure the repository, check immutable tags before
+/// uploading anything, push with an ECR token, then optionally wait for the scan.
+pub async fn push_to_ecr(
+    layout: &Layout,
+    manifest: &Descriptor,
+    opts: EcrPushOptions,
+    rep: &SharedReporter,
+) -> Result<EcrPushReport, PublishError> {
+    let repo_ref = EcrRepoRef::parse(&opts.repository, Some(&opts.settings))?;
+    let region = ecr::choose_region(opts.region.as_deref(), Some(&opts.settings), &repo_ref);
+    let client = EcrClient::new(region, opts.profile.clone()).await?;
+    let tokens = client.token_provider();
+    let auth = tokens.get().await?;
+    let repo = repo_ref.resolve(client.region(), &auth)?;
+    let status = client.ensure_repository(&repo, &opts.settings).await?;
+    if status.created {
+        rep.event(Event::Note {
+            message: format!("created ECR repository {}", status.uri),
+        });
+    }
+    for w in &status.warnings {
+        rep.event(Event::Warning { message: w.clone() });
+    }
+    let states = client
+        .check_tags(&repo, &opts.tags, &manifest.digest)
+        .await?;
+    let plan = ecr::plan_tags(&status, &states, &manifest.digest)?;
+    let image_uri = repo.image_uri(&manifest.digest);
+    if !plan.unchanged.is_empty() {
+        rep.event(Event::Note {
+            message: format!(
+                "{} already holds {} under tag(s) {}",
+                repo.uri(),
+                manifest.digest,
+                plan.unchanged.join(", ")
+            ),
+        });
+    }
+    let push = if plan.push.is_empty() && !plan.unchanged.is_empty() {
+        None
+    } else {
+        let mut copts = opts
+            .client
+            .clone()
+            .with_provider(&repo.host, Arc::new(EcrTokens(tokens.token_fn())));
+        if let Some(url) = &opts.registry_endpoint {
+            copts = copts.with_endpoint(&repo.host, url.clone());
+        }
+        let registry = Client::new(copts).map_err(Box::new)?;
+        let dest: Reference = repo
+            .uri()
+            .parse()
+            .map_err(|_| PublishError::BadRepository(repo.uri()))?;
+        let report = registry
+            .push_image(layout, manifest, &dest, &plan.push, rep)
+            .await
+            .map_err(|e| match plan.push.first() {
+                Some(tag) if e.has_code(ecr::TAG_INVALID) => {
+                    PublishError::Ecr(EcrError::tag_rejected(&repo.uri(), tag, &e.to_string()))
+                }
+                _ => PublishError::Registry(Box::new(e)),
+            })?;
+        Some(report)
+    };
+    let scan = match opts.wait_scan {
+        Some(timeout) => {
+            let s = client.wait_scan(&repo, &manifest.digest, timeout).await?;
+            if let Some(sev) = opts.fail_on {
+                if s.exceeds(sev) {
+                    return Err(PublishError::Findings {
+                        severity: sev,
+                        count: s.at_or_above(sev),
+                        summary: s.to_string(),
+                    });
+                }
+            }
+            Some(s)
+        }
+        None => None,
+    };
+    Ok(EcrPushReport {
+        image_uri,
+        repository_created: status.created,
+        warnings: status.warnings.clone(),
+        unchanged_tags: plan.unchanged,
+        push,
+        scan,
+    })
+}
