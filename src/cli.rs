@@ -108,6 +108,9 @@ pub struct BuildArgs {
     /// Push the result after building (to target.repository, or --to).
     #[arg(long)]
     pub push: bool,
+    /// Write a build manifest (JSON: digests, layers, pushed URIs, timings) to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub manifest: Option<PathBuf>,
     /// Push options (with --push).
     #[command(flatten)]
     pub push_args: PushArgs,
@@ -122,6 +125,9 @@ pub struct PushCmd {
     /// Push this image instead: `oci:DIR:NAME:TAG` (any OCI image layout).
     #[arg(long, value_name = "oci:DIR:NAME:TAG")]
     pub from: Option<String>,
+    /// Write a push manifest (JSON: digest, pushed URIs, tags, timings) to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub manifest: Option<PathBuf>,
     /// Push options.
     #[command(flatten)]
     pub push_args: PushArgs,
@@ -487,6 +493,9 @@ async fn dispatch(cli: &Cli, out: &Arc<Output>) -> Result<(), Failure> {
                     m.insert("push".into(), pushed);
                 }
             }
+            if let Some(path) = &b.manifest {
+                write_manifest(path, "build", &b.image_yaml, &result)?;
+            }
             out.result("build", result);
             Ok(())
         }
@@ -528,6 +537,9 @@ async fn dispatch(cli: &Cli, out: &Arc<Output>) -> Result<(), Failure> {
                 }
             };
             let pushed = push(g, &p.push_args, spec.as_ref(), &layout, &desc, out).await?;
+            if let Some(path) = &p.manifest {
+                write_manifest(path, "push", &p.image_yaml, &pushed)?;
+            }
             out.result("push", pushed);
             Ok(())
         }
@@ -752,6 +764,72 @@ async fn push_ecr(
     Ok(v)
 }
 
+/// The build manifest file (like Packer's manifest post-processor): a stable subset of the
+/// result plus provenance.
+pub fn manifest_document(
+    command: &str,
+    git_revision: Option<String>,
+    result: &serde_json::Value,
+) -> serde_json::Value {
+    let pick = |k: &str| result.get(k).cloned().unwrap_or(serde_json::Value::Null);
+    let push = if command == "push" {
+        result.clone()
+    } else {
+        pick("push")
+    };
+    let pushed = if push.is_null() {
+        serde_json::json!([])
+    } else {
+        serde_json::json!([{
+            "image_uri": push.get("image_uri").cloned().unwrap_or_default(),
+            "repository": push.get("repository").cloned().unwrap_or_default(),
+            "tags": push.get("tags").cloned().unwrap_or_default(),
+        }])
+    };
+    serde_json::json!({
+        "wpimg_version": env!("CARGO_PKG_VERSION"),
+        "command": command,
+        "git_revision": git_revision,
+        "name": pick("name"),
+        "reference": pick("reference"),
+        "base": pick("base"),
+        "base_digest": pick("base_digest"),
+        "manifest_digest": result.pointer("/manifest/digest").cloned().or_else(|| result.get("digest").cloned()).unwrap_or_default(),
+        "config_digest": pick("config_digest"),
+        "layers": pick("layers"),
+        "total_size": pick("total_size"),
+        "cache": pick("cache"),
+        "stages": pick("stages"),
+        "pushed": pushed,
+    })
+}
+
+fn write_manifest(
+    path: &Path,
+    command: &str,
+    image_yaml: &Path,
+    result: &serde_json::Value,
+) -> Result<(), Failure> {
+    let dir = image_yaml
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let git = std::process::Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(["rev-parse", "HEAD"])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    let doc = manifest_document(command, git, result);
+    let bytes = serde_json::to_vec_pretty(&doc).unwrap_or_default();
+    crate::layout::write_atomic(path, &bytes)
+        .with_context(|| format!("write manifest {}", path.display()))?;
+    Ok(())
+}
+
 fn summary(out: &Output, r: &crate::build::BuildReport) {
     out.say(&format!(
         "built {} {} ({} layers, {:.1} MB, new layer via {}, cache {})",
@@ -815,5 +893,54 @@ fn human_bytes(n: u64) -> String {
         format!("{:.1} kB", n / 1e3)
     } else {
         format!("{n} B")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manifest_file_shape() {
+        let build = serde_json::json!({
+            "name": "app", "reference": "app:latest", "base": "b", "base_digest": "sha256:b",
+            "manifest": {"digest": "sha256:m"}, "config_digest": "sha256:c",
+            "layers": [{"digest": "sha256:l", "size": 1, "media_type": "x", "new": true}],
+            "total_size": 1, "cache": "miss", "stages": [{"stage": "pull", "seconds": 1.0}],
+            "push": {"image_uri": "r/app@sha256:m", "repository": "app", "tags": ["latest"]},
+        });
+        let doc = manifest_document("build", Some("abc".into()), &build);
+        let keys: Vec<&str> = doc
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "wpimg_version",
+                "command",
+                "git_revision",
+                "name",
+                "reference",
+                "base",
+                "base_digest",
+                "manifest_digest",
+                "config_digest",
+                "layers",
+                "total_size",
+                "cache",
+                "stages",
+                "pushed"
+            ]
+        );
+        assert_eq!(doc["manifest_digest"], "sha256:m");
+        assert_eq!(doc["pushed"][0]["image_uri"], "r/app@sha256:m");
+        assert_eq!(doc["git_revision"], "abc");
+        let push = serde_json::json!({"image_uri": "r/app@sha256:m", "digest": "sha256:m", "repository": "app", "tags": ["v1"]});
+        let doc = manifest_document("push", None, &push);
+        assert_eq!(doc["manifest_digest"], "sha256:m");
+        assert_eq!(doc["pushed"][0]["tags"][0], "v1");
     }
 }

@@ -108,3 +108,60 @@ impl<F: Fn(Event) + Send + Sync> Reporter for FnReporter<F> {
 pub fn null() -> SharedReporter {
     Arc::new(NullReporter)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `--json` event shapes are a contract for CI consumers: snapshot them.
+    #[test]
+    fn json_event_shapes() {
+        let cases = [
+            (
+                Event::StageStart {
+                    stage: "pull".into(),
+                },
+                r#"{"event":"stage_start","stage":"pull"}"#,
+            ),
+            (
+                Event::StageFinish {
+                    stage: "pull".into(),
+                    seconds: 1.5,
+                },
+                r#"{"event":"stage_finish","stage":"pull","seconds":1.5}"#,
+            ),
+            (
+                Event::BlobStart {
+                    digest: "sha256:ab".into(),
+                    size: 3,
+                    direction: "push".into(),
+                },
+                r#"{"event":"blob_start","digest":"sha256:ab","size":3,"direction":"push"}"#,
+            ),
+            (
+                Event::BlobDone {
+                    digest: "sha256:ab".into(),
+                    size: 3,
+                    outcome: BlobOutcome::Mounted,
+                },
+                r#"{"event":"blob_done","digest":"sha256:ab","size":3,"outcome":"mounted"}"#,
+            ),
+            (
+                Event::Output {
+                    source: "ansible".into(),
+                    line: "ok".into(),
+                },
+                r#"{"event":"output","source":"ansible","line":"ok"}"#,
+            ),
+            (
+                Event::Warning {
+                    message: "w".into(),
+                },
+                r#"{"event":"warning","message":"w"}"#,
+            ),
+        ];
+        for (e, want) in cases {
+            assert_eq!(serde_json::to_string(&e).unwrap(), want);
+        }
+    }
+}

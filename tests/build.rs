@@ -497,6 +497,21 @@ fn unchanged_rebuild_hits_the_cache_and_changes_miss() {
     .unwrap();
     let changed_pb = build_json(p.path(), &["--var", &var], None);
     assert_eq!(changed_pb["cache"], "miss", "a playbook change must miss");
-    let forced = build_json(p.path(), &["--var", &var, "--no-cache"], None);
+    let manifest = p.path().join("build-manifest.json");
+    let forced = build_json(
+        p.path(),
+        &[
+            "--var",
+            &var,
+            "--no-cache",
+            "--manifest",
+            manifest.to_str().unwrap(),
+        ],
+        None,
+    );
     assert_eq!(forced["cache"], "miss");
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    assert_eq!(m["manifest_digest"], forced["manifest"]["digest"]);
+    assert_eq!(m["layers"], forced["layers"]);
+    assert!(m["stages"].as_array().is_some_and(|s| !s.is_empty()), "{m}");
 }
