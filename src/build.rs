@@ -108,6 +108,8 @@ pub struct BuildOptions {
     pub docker_host: Option<String>,
     /// Do not reuse a cached layer (a fresh one is still stored).
     pub no_cache: bool,
+    /// Registry repository sharing the build cache between machines (`--cache-repo`).
+    pub cache_repo: Option<Reference>,
 }
 
 /// The layer a build adds, whether produced now or taken from the cache.
@@ -266,7 +268,15 @@ pub async fn build(
     let cached = if opts.no_cache {
         None
     } else {
-        crate::cache::lookup(&layout, &cache_key)
+        match crate::cache::lookup(&layout, &cache_key) {
+            Some(e) => Some(e),
+            None => match &opts.cache_repo {
+                Some(repo) => {
+                    remote_cache_lookup(opts, repo, &cache_key, &platform, &layout, rep).await
+                }
+                None => None,
+            },
+        }
     };
     let hit = cached.is_some();
     let base_id = format!("sha256:{}", base.manifest.config.digest.hex());
@@ -320,16 +330,28 @@ pub async fn build(
             .await?;
             let created = oci::source_date_epoch().unwrap_or_else(oci::now_unix);
             let layer = NewLayer::from(&info);
-            crate::cache::store(
-                &layout,
-                &crate::cache::CacheEntry {
-                    key: cache_key.clone(),
-                    layer: layer.descriptor.clone(),
-                    diff_id: layer.diff_id.clone(),
-                    uncompressed_size: layer.uncompressed_size,
-                    created,
-                },
-            )?;
+            let entry = crate::cache::CacheEntry {
+                key: cache_key.clone(),
+                layer: layer.descriptor.clone(),
+                diff_id: layer.diff_id.clone(),
+                uncompressed_size: layer.uncompressed_size,
+                created,
+            };
+            crate::cache::store(&layout, &entry)?;
+            if let Some(repo) = &opts.cache_repo {
+                let s = st.start("cache-push");
+                if let Err(e) =
+                    remote_cache_store(opts, repo, &entry, &base.config, &layout, rep).await
+                {
+                    rep.event(Event::Warning {
+                        message: format!(
+                            "could not store the layer in cache repository {}: {e:#}",
+                            repo.repo_path()
+                        ),
+                    });
+                }
+                st.finish(s);
+            }
             (layer, path, created)
         }
     };
@@ -401,6 +423,119 @@ pub async fn build(
         container,
         loaded,
     })
+}
+
+const CACHE_TAG_PREFIX: &str = "wpimg-cache-";
+const CACHE_CREATED_LABEL: &str = "io.wpimg.cache.created";
+const CACHE_SIZE_LABEL: &str = "io.wpimg.cache.uncompressed-size";
+
+fn cache_ref(repo: &Reference, key: &str) -> Option<Reference> {
+    repo.with_tag(&format!("{CACHE_TAG_PREFIX}{key}")).ok()
+}
+
+/// Fetch a cache entry from `--cache-repo` (an image whose only layer is the cached layer).
+async fn remote_cache_lookup(
+    opts: &BuildOptions,
+    repo: &Reference,
+    key: &str,
+    platform: &Platform,
+    layout: &Layout,
+    rep: &SharedReporter,
+) -> Option<crate::cache::CacheEntry> {
+    let r = cache_ref(repo, key)?;
+    match opts.client.manifest_descriptor(&r, rep).await {
+        Ok(Some(_)) => {}
+        Ok(None) => return None,
+        Err(e) => {
+            rep.event(Event::Warning {
+                message: format!("cache repository {}: {e}", repo.repo_path()),
+            });
+            return None;
+        }
+    }
+    let pulled = match opts.client.pull_image(&r, platform, layout, rep).await {
+        Ok(p) => p,
+        Err(e) => {
+            rep.event(Event::Warning {
+                message: format!("cache repository {}: {e}", repo.repo_path()),
+            });
+            return None;
+        }
+    };
+    let layer = pulled.manifest.layers.first()?.clone();
+    let diff_id = pulled.config.rootfs.diff_ids.first()?.clone();
+    let labels = pulled.config.config.labels.as_ref()?;
+    let created = labels.get(CACHE_CREATED_LABEL)?.parse().ok()?;
+    let uncompressed_size = labels.get(CACHE_SIZE_LABEL)?.parse().ok()?;
+    let entry = crate::cache::CacheEntry {
+        key: key.to_string(),
+        uncompressed_size,
+        layer,
+        diff_id,
+        created,
+    };
+    let _ = crate::cache::store(layout, &entry);
+    rep.event(Event::Note {
+        message: format!("cache hit in {}", repo.repo_path()),
+    });
+    Some(entry)
+}
+
+/// Push a cache entry to `--cache-repo` as a one-layer image tagged `wpimg-cache-KEY`.
+async fn remote_cache_store(
+    opts: &BuildOptions,
+    repo: &Reference,
+    entry: &crate::cache::CacheEntry,
+    base: &ImageConfig,
+    layout: &Layout,
+    rep: &SharedReporter,
+) -> Result<(), BuildError> {
+    let Some(r) = cache_ref(repo, &entry.key) else {
+        return Ok(());
+    };
+    let config = ImageConfig {
+        created: Some(oci::rfc3339(entry.created)),
+        author: None,
+        architecture: base.architecture.clone(),
+        os: base.os.clone(),
+        variant: base.variant.clone(),
+        config: oci::RuntimeConfig {
+            labels: Some(BTreeMap::from([
+                (CACHE_CREATED_LABEL.to_string(), entry.created.to_string()),
+                (
+                    CACHE_SIZE_LABEL.to_string(),
+                    entry.uncompressed_size.to_string(),
+                ),
+            ])),
+            ..Default::default()
+        },
+        rootfs: RootFs {
+            kind: "layers".into(),
+            diff_ids: vec![entry.diff_id.clone()],
+        },
+        history: vec![],
+        _private: (),
+    };
+    let (cd, cs) = layout.write_blob(&oci::to_canonical_json(&config))?;
+    let manifest = ImageManifest {
+        schema_version: 2,
+        media_type: Some(MEDIA_TYPE_OCI_MANIFEST.into()),
+        config: Descriptor::new(MEDIA_TYPE_OCI_CONFIG, cd, cs),
+        layers: vec![entry.layer.clone()],
+        annotations: BTreeMap::new(),
+    };
+    let (md, ms) = layout.write_blob(&oci::to_canonical_json(&manifest))?;
+    opts.client
+        .push_image(
+            layout,
+            &Descriptor::new(MEDIA_TYPE_OCI_MANIFEST, md, ms),
+            &r,
+            &[],
+            rep,
+        )
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    Ok(())
 }
 
 async fn cancellable<T>(

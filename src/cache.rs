@@ -50,8 +50,12 @@ pub fn key(
     field("base", base_digest.to_string().as_bytes());
     field("platform", platform.as_bytes());
     field("image.yaml", spec.source.raw.as_bytes());
-    // The resolved spec: variables, extra vars, ansible args and env after interpolation.
-    field("spec", &serde_json::to_vec(spec).unwrap_or_default());
+    // The resolved spec: variables, extra vars, ansible args and env after interpolation, with
+    // paths relative to image.yaml so checkouts in different places share the cache.
+    field(
+        "spec",
+        &serde_json::to_vec(&portable_spec(spec)).unwrap_or_default(),
+    );
     let mut files = Vec::new();
     let pb_dir = spec
         .provision
@@ -97,6 +101,32 @@ pub fn key(
         }
     }
     Ok(hex::encode(h.finalize()))
+}
+
+fn portable_spec(spec: &ImageSpec) -> serde_json::Value {
+    let mut v = serde_json::to_value(spec).unwrap_or_default();
+    let rel = |p: &Path| {
+        p.strip_prefix(&spec.source.dir)
+            .unwrap_or(p)
+            .to_string_lossy()
+            .into_owned()
+    };
+    if let Some(m) = v.as_object_mut() {
+        m.remove("source");
+    }
+    if let Some(p) = v.pointer_mut("/provision/playbook") {
+        *p = rel(&spec.provision.playbook).into();
+    }
+    if let (Some(p), Some(lp)) = (
+        v.pointer_mut("/target/ecr/lifecycle_policy"),
+        spec.target
+            .as_ref()
+            .and_then(|t| t.ecr.as_ref())
+            .and_then(|e| e.lifecycle_policy.as_ref()),
+    ) {
+        *p = rel(lp).into();
+    }
+    v
 }
 
 fn collect(
@@ -198,6 +228,14 @@ mod tests {
 
         std::fs::write(d.path().join("pb/roles/web/vars.yml"), "x: 1\n").unwrap();
         assert_ne!(k1, key_of(d.path(), &none), "a new vars file must miss");
+    }
+
+    #[test]
+    fn key_does_not_depend_on_the_checkout_location() {
+        let a = setup();
+        let b = setup();
+        let none = Overrides::default();
+        assert_eq!(key_of(a.path(), &none), key_of(b.path(), &none));
     }
 
     #[test]

@@ -105,6 +105,9 @@ pub struct BuildArgs {
     /// Do not reuse a cached layer (the new one is still cached).
     #[arg(long)]
     pub no_cache: bool,
+    /// Share the build cache through this registry repository (with --ecr: an ECR repository).
+    #[arg(long, value_name = "REPOSITORY")]
+    pub cache_repo: Option<String>,
     /// Push the result after building (to target.repository, or --to).
     #[arg(long)]
     pub push: bool,
@@ -407,14 +410,44 @@ fn oci_dir(g: &GlobalArgs, image_yaml: &Path) -> PathBuf {
         .unwrap_or_else(|| crate::build::default_oci_dir(image_yaml))
 }
 
-/// Registry client options from the global flags.
-pub fn client(g: &GlobalArgs) -> Result<crate::registry::Client, Failure> {
-    let opts = crate::registry::ClientOptions {
+/// The registry client of a build (base pull, cache repository) and the cache repository.
+async fn build_client(
+    g: &GlobalArgs,
+    b: &BuildArgs,
+    spec: &crate::spec::ImageSpec,
+) -> Result<(crate::registry::Client, Option<crate::reference::Reference>), Failure> {
+    let mut opts = crate::registry::ClientOptions {
         insecure_hosts: g.insecure_registries.clone(),
         ca_file: g.ca_file.clone(),
         ..Default::default()
     };
-    crate::registry::Client::new(opts).map_err(|e| bad_input(e.into()))
+    let cache_repo = match &b.cache_repo {
+        None => None,
+        Some(repo) if b.push_args.ecr => {
+            let settings = spec
+                .target
+                .as_ref()
+                .and_then(|t| t.ecr.clone())
+                .unwrap_or_default();
+            let (reference, provider) = crate::publish::ecr_repository_access(
+                repo,
+                &settings,
+                b.push_args.region.as_deref(),
+                b.push_args.profile.clone(),
+            )
+            .await
+            .with_context(|| format!("cache repository {repo}"))?;
+            opts = opts.with_provider(&reference.registry, provider);
+            Some(reference)
+        }
+        Some(repo) => Some(
+            crate::reference::Reference::parse(repo)
+                .with_context(|| format!("--cache-repo {repo}"))
+                .map_err(bad_input)?,
+        ),
+    };
+    let client = crate::registry::Client::new(opts).map_err(|e| bad_input(e.into()))?;
+    Ok((client, cache_repo))
 }
 
 /// Cancellation on SIGINT/SIGTERM.
@@ -469,15 +502,17 @@ async fn dispatch(cli: &Cli, out: &Arc<Output>) -> Result<(), Failure> {
         Command::Build(b) => {
             let spec = load_spec(&b.image_yaml, g)?;
             let engine = crate::runtime::DockerEngine::connect().await?;
+            let (client, cache_repo) = build_client(g, b, &spec).await?;
             let opts = crate::build::BuildOptions {
                 oci_dir: oci_dir(g, &b.image_yaml),
                 keep_on_error: b.keep_on_error,
                 load: b.load,
                 layer_path: b.layer_path,
-                client: client(g)?,
+                client,
                 cancel: cancel_on_signal(),
                 docker_host: std::env::var("DOCKER_HOST").ok(),
                 no_cache: b.no_cache,
+                cache_repo,
             };
             let report = crate::build::build(&spec, &engine, &opts, &rep)
                 .await

@@ -189,3 +189,26 @@ pub async fn push_to_ecr(
         scan,
     })
 }
+
+/// Resolve an ECR repository (full URI or bare name) and credentials for its registry, making
+/// sure it exists (created with `settings` when they allow it). Used for `--cache-repo` with
+/// `--ecr`.
+pub async fn ecr_repository_access(
+    repository: &str,
+    settings: &EcrSettings,
+    region: Option<&str>,
+    profile: Option<String>,
+) -> Result<(Reference, Arc<dyn CredentialProvider>), PublishError> {
+    let repo_ref = EcrRepoRef::parse(repository, Some(settings))?;
+    let region = ecr::choose_region(region, Some(settings), &repo_ref);
+    let client = EcrClient::new(region, profile).await?;
+    let tokens = client.token_provider();
+    let auth = tokens.get().await?;
+    let repo = repo_ref.resolve(client.region(), &auth)?;
+    client.ensure_repository(&repo, settings).await?;
+    let reference: Reference = repo
+        .uri()
+        .parse()
+        .map_err(|_| PublishError::BadRepository(repo.uri()))?;
+    Ok((reference, Arc::new(EcrTokens(tokens.token_fn()))))
+}

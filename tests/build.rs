@@ -515,3 +515,27 @@ fn unchanged_rebuild_hits_the_cache_and_changes_miss() {
     assert_eq!(m["layers"], forced["layers"]);
     assert!(m["stages"].as_array().is_some_and(|s| !s.is_empty()), "{m}");
 }
+
+#[test]
+fn cache_repo_shares_the_layer_between_checkouts() {
+    require_fixtures();
+    require("ansible-playbook");
+    let reg = common::registry::Registry::start();
+    let cache = format!("{}/wpimg/cache", reg.host());
+    let name = unique("wpimg-test/shared");
+    let var = format!("name={name}");
+    let a = simple_project();
+    let first = build_json(a.path(), &["--var", &var, "--cache-repo", &cache], None);
+    assert_eq!(first["cache"], "miss");
+    assert!(
+        first["stages"].to_string().contains("cache-push"),
+        "{}",
+        first["stages"]
+    );
+    // Another checkout (another directory, empty layout) of the same project: a remote hit.
+    let b = simple_project();
+    let second = build_json(b.path(), &["--var", &var, "--cache-repo", &cache], None);
+    assert_eq!(second["cache"], "hit");
+    assert_eq!(second["manifest"]["digest"], first["manifest"]["digest"]);
+    assert!(build_containers(&name).is_empty());
+}
