@@ -909,16 +909,5 @@ fn oci_layer_media_type(mt: &str) -> &str {
 
 /// Default OCI layout directory for an image.yaml: `.wpimg/oci` next to it.
 pub fn default_oci_dir(image_yaml: &Path) -> PathBuf {
-    image_yaml
-        .parent()
-        .map(|p| {
-            if p.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                p
-            }
-        })
-        .unwrap_or(Path::new("."))
-        .join(".wpimg")
-        .join("oci")
+    crate::spec::dir_of(image_yaml).join(".wpimg").join("oci")
 }

@@ -410,17 +410,42 @@ fn oci_dir(g: &GlobalArgs, image_yaml: &Path) -> PathBuf {
         .unwrap_or_else(|| crate::build::default_oci_dir(image_yaml))
 }
 
+/// Registry client options from the global flags and, for pushes, the push flags.
+fn client_options(g: &GlobalArgs, push: Option<&PushArgs>) -> crate::registry::ClientOptions {
+    let mut o = crate::registry::ClientOptions {
+        insecure_hosts: g.insecure_registries.clone(),
+        ca_file: g.ca_file.clone(),
+        ..Default::default()
+    };
+    if let Some(a) = push {
+        o.jobs = a.jobs;
+        o.chunk_size = a.chunk_size;
+        o.force_chunked = a.force_chunked;
+    }
+    o
+}
+
+/// `--to`, else `target.repository`.
+fn push_repository(
+    args: &PushArgs,
+    spec: Option<&crate::spec::ImageSpec>,
+) -> anyhow::Result<String> {
+    match (&args.to, spec.and_then(|s| s.target.as_ref())) {
+        (Some(to), _) => Ok(to.clone()),
+        (None, Some(t)) => Ok(t.repository.clone()),
+        (None, None) => anyhow::bail!(
+            "no destination: pass --to REPOSITORY or set target.repository in image.yaml"
+        ),
+    }
+}
+
 /// The registry client of a build (base pull, cache repository) and the cache repository.
 async fn build_client(
     g: &GlobalArgs,
     b: &BuildArgs,
     spec: &crate::spec::ImageSpec,
 ) -> Result<(crate::registry::Client, Option<crate::reference::Reference>), Failure> {
-    let mut opts = crate::registry::ClientOptions {
-        insecure_hosts: g.insecure_registries.clone(),
-        ca_file: g.ca_file.clone(),
-        ..Default::default()
-    };
+    let mut opts = client_options(g, None);
     let cache_repo = match &b.cache_repo {
         None => None,
         Some(repo) if b.push_args.ecr => {
@@ -629,14 +654,7 @@ pub fn push_destination(
     spec: Option<&crate::spec::ImageSpec>,
 ) -> anyhow::Result<(crate::reference::Reference, Vec<String>)> {
     let target = spec.and_then(|s| s.target.as_ref());
-    let repo = match (&args.to, target) {
-        (Some(to), _) => to.clone(),
-        (None, Some(t)) => t.repository.clone(),
-        (None, None) => anyhow::bail!(
-            "no destination: pass --to REPOSITORY or set target.repository in image.yaml"
-        ),
-    };
-    let dest = crate::reference::Reference::parse(&repo)?;
+    let dest = crate::reference::Reference::parse(&push_repository(args, spec)?)?;
     let mut tags = args.tags.clone();
     if tags.is_empty() && args.to.is_none() {
         if let Some(t) = target {
@@ -661,14 +679,7 @@ async fn push(
         return push_ecr(g, args, spec, layout, desc, out).await;
     }
     let (dest, tags) = push_destination(args, spec).map_err(bad_input)?;
-    let mut opts = crate::registry::ClientOptions {
-        insecure_hosts: g.insecure_registries.clone(),
-        ca_file: g.ca_file.clone(),
-        jobs: args.jobs,
-        chunk_size: args.chunk_size,
-        force_chunked: args.force_chunked,
-        ..Default::default()
-    };
+    let mut opts = client_options(g, Some(args));
     if args.chunk_size < crate::registry::MIN_CHUNK_SIZE {
         return Err(bad_input(anyhow::anyhow!(
             "--chunk-size {}: at least {} bytes (5 MiB, Amazon ECR's minimum part size)",
@@ -738,15 +749,7 @@ async fn push_ecr(
     out: &Arc<Output>,
 ) -> Result<serde_json::Value, Failure> {
     let target = spec.and_then(|s| s.target.as_ref());
-    let repository = match (&args.to, target) {
-        (Some(to), _) => to.clone(),
-        (None, Some(t)) => t.repository.clone(),
-        (None, None) => {
-            return Err(bad_input(anyhow::anyhow!(
-                "no destination: pass --to REPOSITORY or set target.repository in image.yaml"
-            )))
-        }
-    };
+    let repository = push_repository(args, spec).map_err(bad_input)?;
     let mut tags = args.tags.clone();
     if tags.is_empty() {
         tags = target.map(|t| t.tags.clone()).unwrap_or_default();
@@ -754,14 +757,7 @@ async fn push_ecr(
     if tags.is_empty() {
         tags.push("latest".into());
     }
-    let client = crate::registry::ClientOptions {
-        insecure_hosts: g.insecure_registries.clone(),
-        ca_file: g.ca_file.clone(),
-        jobs: args.jobs,
-        chunk_size: args.chunk_size,
-        force_chunked: args.force_chunked,
-        ..Default::default()
-    };
+    let client = client_options(g, Some(args));
     let settings = target.and_then(|t| t.ecr.clone()).unwrap_or_default();
     let opts = crate::publish::EcrPushOptions {
         repository: repository.clone(),
@@ -845,10 +841,7 @@ fn write_manifest(
     image_yaml: &Path,
     result: &serde_json::Value,
 ) -> Result<(), Failure> {
-    let dir = image_yaml
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let dir = crate::spec::dir_of(image_yaml);
     let git = std::process::Command::new("git")
         .arg("-C")
         .arg(dir)

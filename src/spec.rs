@@ -841,23 +841,21 @@ fn override_vars(ov: &Overrides) -> Result<BTreeMap<String, String>, SpecError> 
     Ok(out)
 }
 
+/// The directory of an image.yaml (`.` for a bare file name): relative paths resolve against it.
+pub fn dir_of(image_yaml: &Path) -> &Path {
+    match image_yaml.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
 /// Load, interpolate and validate an image.yaml, reporting every problem at once.
 pub fn load(path: &Path, ov: &Overrides) -> Result<ImageSpec, SpecError> {
     let text = fs_err::read_to_string(path).map_err(|e| SpecError::Read {
         path: path.to_path_buf(),
         source: e,
     })?;
-    let dir = path
-        .parent()
-        .map(|p| {
-            if p.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                p
-            }
-        })
-        .unwrap_or(Path::new("."))
-        .to_path_buf();
+    let dir = dir_of(path).to_path_buf();
     let tree = parse_tree(path, &text).map_err(invalid)?;
     let overrides = override_vars(ov)?;
 
