@@ -109,7 +109,7 @@ fn upper_dir_and_docker_save_give_identical_layers() {
     };
     let base = format!("{tag}:base");
     guard.images.push(base.clone());
-    let imp = Command::new("sh")
+    let imp = Command::new("bash")
         .args([
             "-c",
             &format!("set -o pipefail 2>/dev/null; tar -C {ROOTFS} -c . | docker import - {base}"),
