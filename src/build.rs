@@ -110,6 +110,9 @@ pub struct BuildOptions {
     pub no_cache: bool,
     /// Registry repository sharing the build cache between machines (`--cache-repo`).
     pub cache_repo: Option<Reference>,
+    /// Where the new layer's compressed bytes also go while they are produced (`build --push`
+    /// streams them to the registry).
+    pub layer_tee: crate::layer::Tee,
 }
 
 /// The layer a build adds, whether produced now or taken from the cache.
@@ -591,6 +594,7 @@ async fn provision_and_extract(
         threads: std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1),
+        tee: opts.layer_tee.clone(),
     };
     let upper = match opts.layer_path {
         LayerPath::Api => None,

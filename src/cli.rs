@@ -114,6 +114,9 @@ pub struct BuildArgs {
     /// Write a build manifest (JSON: digests, layers, pushed URIs, timings) to FILE.
     #[arg(long, value_name = "FILE")]
     pub manifest: Option<PathBuf>,
+    /// With --push: upload the new layer after it is complete, not while it is compressed.
+    #[arg(long)]
+    pub no_stream: bool,
     /// Push options (with --push).
     #[command(flatten)]
     pub push_args: PushArgs,
@@ -528,6 +531,19 @@ async fn dispatch(cli: &Cli, out: &Arc<Output>) -> Result<(), Failure> {
             let spec = load_spec(&b.image_yaml, g)?;
             let engine = crate::runtime::DockerEngine::connect().await?;
             let (client, cache_repo) = build_client(g, b, &spec).await?;
+            // A plain registry push is prepared first so the new layer streams to it while it
+            // is compressed (ECR pushes check immutable tags first, so they upload afterwards).
+            let target = match (b.push, b.push_args.ecr) {
+                (true, false) => Some(registry_push_target(g, &b.push_args, Some(&spec))?),
+                _ => None,
+            };
+            let (tee, stream) = match &target {
+                Some((client, dest, _)) if !b.no_stream => {
+                    let (w, s) = client.stream_blob(dest, &rep);
+                    (crate::layer::Tee::new(w), Some(s))
+                }
+                _ => (crate::layer::Tee::default(), None),
+            };
             let opts = crate::build::BuildOptions {
                 oci_dir: oci_dir(g, &b.image_yaml),
                 keep_on_error: b.keep_on_error,
@@ -538,16 +554,44 @@ async fn dispatch(cli: &Cli, out: &Arc<Output>) -> Result<(), Failure> {
                 docker_host: std::env::var("DOCKER_HOST").ok(),
                 no_cache: b.no_cache,
                 cache_repo,
+                layer_tee: tee,
             };
-            let report = crate::build::build(&spec, &engine, &opts, &rep)
-                .await
-                .with_context(|| format!("build {}", b.image_yaml.display()))?;
+            let built = crate::build::build(&spec, &engine, &opts, &rep).await;
+            let oci_dir = opts.oci_dir.clone();
+            drop(opts); // closes the stream's writer if the layer never took it
+            let report = match built {
+                Ok(r) => r,
+                Err(e) => {
+                    if let Some(s) = stream {
+                        s.abort();
+                    }
+                    return Err(anyhow::Error::new(e)
+                        .context(format!("build {}", b.image_yaml.display()))
+                        .into());
+                }
+            };
+            if let Some(s) = stream {
+                match report.layers.iter().rfind(|l| l.new) {
+                    Some(l) if report.cache != "hit" => {
+                        // On failure the task has said why; the push below uploads the blob.
+                        let _ = s.finish(&l.digest, l.size).await;
+                    }
+                    _ => s.abort(),
+                }
+            }
             summary(out, &report);
             let mut result = serde_json::to_value(&report).unwrap_or_default();
             if b.push {
-                let layout = crate::layout::Layout::open(&opts.oci_dir)?;
-                let pushed =
-                    push(g, &b.push_args, Some(&spec), &layout, &report.manifest, out).await?;
+                let layout = crate::layout::Layout::open(&oci_dir)?;
+                let pushed = match target {
+                    Some((client, dest, tags)) => {
+                        push_to_registry(&client, &dest, &tags, &layout, &report.manifest, out)
+                            .await?
+                    }
+                    None => {
+                        push(g, &b.push_args, Some(&spec), &layout, &report.manifest, out).await?
+                    }
+                };
                 if let serde_json::Value::Object(m) = &mut result {
                     m.insert("image_uri".into(), pushed["image_uri"].clone());
                     m.insert("push".into(), pushed);
@@ -678,6 +722,23 @@ async fn push(
     if args.ecr {
         return push_ecr(g, args, spec, layout, desc, out).await;
     }
+    let (client, dest, tags) = registry_push_target(g, args, spec)?;
+    push_to_registry(&client, &dest, &tags, layout, desc, out).await
+}
+
+/// Client, destination and tags of a push to a plain registry (not ECR).
+fn registry_push_target(
+    g: &GlobalArgs,
+    args: &PushArgs,
+    spec: Option<&crate::spec::ImageSpec>,
+) -> Result<
+    (
+        Arc<crate::registry::Client>,
+        crate::reference::Reference,
+        Vec<String>,
+    ),
+    Failure,
+> {
     let (dest, tags) = push_destination(args, spec).map_err(bad_input)?;
     let mut opts = client_options(g, Some(args));
     if args.chunk_size < crate::registry::MIN_CHUNK_SIZE {
@@ -710,12 +771,23 @@ async fn push(
         );
     }
     let client = crate::registry::Client::new(opts).map_err(|e| bad_input(e.into()))?;
+    Ok((Arc::new(client), dest, tags))
+}
+
+async fn push_to_registry(
+    client: &crate::registry::Client,
+    dest: &crate::reference::Reference,
+    tags: &[String],
+    layout: &crate::layout::Layout,
+    desc: &crate::oci::Descriptor,
+    out: &Arc<Output>,
+) -> Result<serde_json::Value, Failure> {
     let rep: SharedReporter = out.clone();
     rep.event(Event::StageStart {
         stage: "push".into(),
     });
     let report = client
-        .push_image(layout, desc, &dest, &tags, &rep)
+        .push_image(layout, desc, dest, tags, &rep)
         .await
         .with_context(|| format!("push to {}", dest.repo_path()))?;
     rep.event(Event::StageFinish {

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use common::registry::{Registry, RegistryOptions};
+use common::registry::{Proxy, ProxyMode, Registry, RegistryOptions};
 use common::*;
 
 fn json_result(stdout: &[u8]) -> serde_json::Value {
@@ -180,4 +180,120 @@ fn push_without_destination_or_build_is_bad_input() {
         "1000",
     ]));
     assert_eq!(o.status.code(), Some(2));
+}
+
+/// Start a `build --push --json` of a project whose layer holds 24 MiB of random bytes; returns
+/// the result and the number of PATCHes the proxy had answered when the layer stage finished.
+fn build_push_big(dir: &Path, proxy: &Proxy, extra: &[&str]) -> (serde_json::Value, usize) {
+    use std::io::BufRead;
+    let mut child = wpimg()
+        .current_dir(dir)
+        .args([
+            "build",
+            "--push",
+            "--json",
+            "--no-cache",
+            "--chunk-size",
+            "5242880",
+        ])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut patches_at_layer_end = usize::MAX;
+    let mut last = String::new();
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line.unwrap();
+        if line.contains(r#""event":"stage_finish""#) && line.contains(r#""stage":"layer""#) {
+            patches_at_layer_end = proxy
+                .requests()
+                .iter()
+                .filter(|r| r.method == "PATCH")
+                .count();
+        }
+        last = line;
+    }
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    (json_result(last.as_bytes()), patches_at_layer_end)
+}
+
+#[test]
+fn build_push_streams_the_new_layer_while_compressing() {
+    require_fixtures();
+    require("skopeo");
+    let reg = Registry::start();
+    let proxy = Proxy::start(&reg.url(), ProxyMode::default());
+    let p = tempfile::tempdir().unwrap();
+    write(
+        &p.path().join("big.yml"),
+        "- hosts: all\n  gather_facts: false\n  tasks:\n    - name: Random bytes\n      ansible.builtin.shell: head -c 25165824 /dev/urandom > /opt/random.bin\n      changed_when: true\n",
+    );
+    let name = unique("wpimg-test/stream");
+    let repo = format!("{}/wpimg/stream", proxy.host());
+    write(
+        &p.path().join("image.yaml"),
+        &format!("name: {name}\nbase: {BASE}\nprovision:\n  playbook: big.yml\ntarget:\n  repository: {repo}\n  tags: [v1]\n"),
+    );
+
+    let (r, patches_at_layer_end) = build_push_big(p.path(), &proxy, &[]);
+    let layer = r["layers"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(layer["new"], true);
+    let size = layer["size"].as_u64().unwrap();
+    let digest = layer["digest"].as_str().unwrap().to_string();
+    assert!(size > 24 << 20, "{layer}");
+    let outcome = r["push"]["blobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["digest"] == digest.as_str())
+        .unwrap()["outcome"]
+        .clone();
+    assert_eq!(outcome, "uploaded", "{r}");
+    // The layer went up in 5 MiB PATCHes, some of them before compression had finished, and
+    // its last part with the digest in the final PUT; nothing uploaded it a second time.
+    let reqs = proxy.requests();
+    let patches: Vec<_> = reqs.iter().filter(|r| r.method == "PATCH").collect();
+    assert!(patches.len() >= 4, "{reqs:#?}");
+    assert!(
+        patches.iter().all(|r| r.content_length == 5 << 20),
+        "{patches:#?}"
+    );
+    assert!(
+        (1..usize::MAX).contains(&patches_at_layer_end),
+        "no part was uploaded during compression ({patches_at_layer_end})"
+    );
+    let finals: Vec<_> = reqs
+        .iter()
+        .filter(|r| r.method == "PUT" && r.query.contains(&digest[7..]))
+        .collect();
+    assert_eq!(finals.len(), 1, "{reqs:#?}");
+    let streamed: u64 =
+        patches.iter().map(|r| r.content_length).sum::<u64>() + finals[0].content_length;
+    assert_eq!(streamed, size);
+    // The registry serves the image with the built digest.
+    let manifest = r["manifest"]["digest"].as_str().unwrap();
+    let got = ok_stdout(Command::new("skopeo").args([
+        "inspect",
+        "--tls-verify=false",
+        "--format",
+        "{{.Digest}}",
+        &format!("docker://{}/wpimg/stream:v1", reg.host()),
+    ]));
+    assert_eq!(got.trim(), manifest);
+
+    // --no-stream: one monolithic PUT of the whole layer after the build, to a new repository.
+    proxy.clear();
+    let other = format!("{}/wpimg/stream-after", proxy.host());
+    let (r, _) = build_push_big(p.path(), &proxy, &["--no-stream", "--to", &other]);
+    let layer = r["layers"].as_array().unwrap().last().unwrap().clone();
+    let reqs = proxy.requests();
+    assert!(reqs.iter().all(|r| r.method != "PATCH"), "{reqs:#?}");
+    assert!(
+        reqs.iter()
+            .any(|q| q.method == "PUT" && q.content_length == layer["size"].as_u64().unwrap()),
+        "{reqs:#?}"
+    );
 }

@@ -31,8 +31,29 @@ pub(crate) struct LayerSink {
 }
 
 enum Encoder {
-    Gzip(ParGz<BlobWriter>),
-    Zstd(zstd::stream::write::Encoder<'static, BlobWriter>),
+    Gzip(ParGz<Out>),
+    Zstd(zstd::stream::write::Encoder<'static, Out>),
+}
+
+/// The compressed bytes' destinations: the layout blob and, optionally, a tee.
+struct Out {
+    blob: BlobWriter,
+    tee: Option<Box<dyn Write + Send>>,
+}
+
+impl Write for Out {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.blob.write(buf)?;
+        if let Some(t) = &mut self.tee {
+            if t.write_all(&buf[..n]).is_err() {
+                self.tee = None;
+            }
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.blob.flush()
+    }
 }
 
 impl Write for Encoder {
@@ -55,7 +76,10 @@ impl LayerSink {
     pub(crate) fn new(layout: &Layout, opts: &LayerOptions) -> Result<Self, LayerError> {
         let level = opts.compression.check_level(opts.level)?;
         let dir = layout.dir().to_path_buf();
-        let blob = layout.blob_writer()?;
+        let blob = Out {
+            blob: layout.blob_writer()?,
+            tee: opts.tee.take(),
+        };
         let werr = |source| LayerError::Write {
             dir: dir.clone(),
             source,
@@ -84,11 +108,12 @@ impl LayerSink {
     pub(crate) fn finish(self, entries: u64) -> Result<LayerInfo, LayerError> {
         let dir = self.dir;
         let (enc, diff_id, uncompressed_size) = self.w.finish();
-        let blob = match enc {
+        let Out { blob, tee } = match enc {
             Encoder::Gzip(g) => g.finish(),
             Encoder::Zstd(z) => z.finish(),
         }
         .map_err(|source| LayerError::Write { dir, source })?;
+        drop(tee);
         let (digest, size) = blob.commit(None, None)?;
         Ok(LayerInfo {
             digest,

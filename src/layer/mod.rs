@@ -25,8 +25,9 @@ mod dir;
 mod exclude;
 mod tarin;
 
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
@@ -112,6 +113,30 @@ pub struct LayerOptions {
     pub source_date_epoch: Option<i64>,
     /// Compression threads (the output does not depend on it).
     pub threads: usize,
+    /// A second destination of the compressed bytes (a streaming upload).
+    pub tee: Tee,
+}
+
+/// A second destination of a layer's compressed bytes as they are produced, taken by the first
+/// layer written with the options that hold it; write errors there never fail the layer.
+#[derive(Clone, Default)]
+pub struct Tee(Arc<Mutex<Option<Box<dyn Write + Send>>>>);
+
+impl Tee {
+    /// Send the compressed bytes to `w` too.
+    pub fn new(w: impl Write + Send + 'static) -> Self {
+        Self(Arc::new(Mutex::new(Some(Box::new(w)))))
+    }
+
+    pub(crate) fn take(&self) -> Option<Box<dyn Write + Send>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+impl std::fmt::Debug for Tee {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tee")
+    }
 }
 
 impl Default for LayerOptions {
@@ -122,6 +147,7 @@ impl Default for LayerOptions {
             excludes: Vec::new(),
             source_date_epoch: None,
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            tee: Tee::default(),
         }
     }
 }

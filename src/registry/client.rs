@@ -13,6 +13,8 @@ use http::{HeaderValue, StatusCode};
 use serde::Deserialize;
 use url::Url;
 
+use crate::oci::Digest;
+
 use super::error::{parse_error_body, RegistryError};
 use crate::auth::{
     Credential, DockerConfigProvider, Secret, SharedCredentialProvider, StaticCredential,
@@ -174,6 +176,7 @@ struct State {
     tokens: HashMap<(String, String), CachedToken>,
     credentials: HashMap<String, Credential>,
     chunked: HashSet<String>,
+    streamed: HashSet<Digest>,
 }
 
 /// A repository on a resolved endpoint.
@@ -319,6 +322,15 @@ impl Client {
 
     pub(crate) fn uses_chunked(&self, registry: &str) -> bool {
         self.opts.force_chunked || self.state().chunked.contains(registry)
+    }
+
+    /// Record a blob uploaded by a streaming upload (reported as uploaded, not skipped).
+    pub(crate) fn mark_streamed(&self, digest: &Digest) {
+        self.state().streamed.insert(digest.clone());
+    }
+
+    pub(crate) fn was_streamed(&self, digest: &Digest) -> bool {
+        self.state().streamed.contains(digest)
     }
 
     pub(crate) fn set_chunked(&self, registry: &str) {

@@ -10,6 +10,7 @@ mod error;
 mod pull;
 mod push;
 mod sources;
+mod stream;
 
 pub use client::{
     Client, ClientOptions, RetryPolicy, DEFAULT_JOBS, MANIFEST_ACCEPT, MIN_CHUNK_SIZE,
@@ -18,3 +19,4 @@ pub use error::{ApiError, RegistryError};
 pub use pull::{PulledImage, RemoteImage, RemoteManifest};
 pub use push::{BlobReport, PushReport};
 pub use sources::{BlobSources, SOURCES_FILE};
+pub use stream::{BlobStream, StreamWriter};

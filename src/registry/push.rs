@@ -456,6 +456,7 @@ impl Client {
             })
             .await?;
         match resp.status().as_u16() {
+            200 if self.was_streamed(digest) => return Ok((BlobOutcome::Uploaded, None)),
             200 => return Ok((BlobOutcome::Skipped, None)),
             404 => {}
             _ => return Err(error_from_response(resp, &repo.name, &op).await),
