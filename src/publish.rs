@@ -35,6 +35,19 @@ pub enum PublishError {
         /// The whole summary.
         summary: String,
     },
+    /// The registry answered `NAME_UNKNOWN` for a repository the ECR API says exists.
+    #[error(
+        "the registry does not know ECR repository {repository} (NAME_UNKNOWN) although the ECR \
+         API reports that it exists (deleted meanwhile, or a registry host or --registry-endpoint \
+         of another account or region)"
+    )]
+    RepositoryUnknown {
+        /// Repository URI.
+        repository: String,
+        /// The registry's answer.
+        #[source]
+        source: Box<RegistryError>,
+    },
     /// The destination cannot be a registry reference.
     #[error("ECR repository {0:?} is not a valid reference")]
     BadRepository(String),
@@ -156,12 +169,7 @@ pub async fn push_to_ecr(
         let report = registry
             .push_image(layout, manifest, &dest, &plan.push, rep)
             .await
-            .map_err(|e| match plan.push.first() {
-                Some(tag) if e.has_code(ecr::TAG_INVALID) => {
-                    PublishError::Ecr(EcrError::tag_rejected(&repo.uri(), tag, &e.to_string()))
-                }
-                _ => PublishError::Registry(Box::new(e)),
-            })?;
+            .map_err(|e| registry_failure(&repo.uri(), e))?;
         Some(report)
     };
     let scan = match opts.wait_scan {
@@ -188,6 +196,26 @@ pub async fn push_to_ecr(
         push,
         scan,
     })
+}
+
+/// Turn a registry error of an ECR push into a helpful one, by ECR's error codes.
+fn registry_failure(repository: &str, e: RegistryError) -> PublishError {
+    match e.tag() {
+        Some(tag) if e.has_code(ecr::TAG_INVALID) => {
+            let said: Vec<&str> = e
+                .api_errors()
+                .iter()
+                .filter(|a| a.code == ecr::TAG_INVALID && !a.message.is_empty())
+                .map(|a| a.message.as_str())
+                .collect();
+            PublishError::Ecr(EcrError::tag_rejected(repository, tag, &said.join("; ")))
+        }
+        _ if e.has_code(ecr::NAME_UNKNOWN) => PublishError::RepositoryUnknown {
+            repository: repository.to_string(),
+            source: Box::new(e),
+        },
+        _ => PublishError::Registry(Box::new(e)),
+    }
 }
 
 /// Resolve an ECR repository (full URI or bare name) and credentials for its registry, making
