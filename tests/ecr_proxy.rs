@@ -9,13 +9,20 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::ecr::{wpimg_push_ecr, write_ecr_image_yaml, Moto, MOTO_ACCOUNT};
+use common::ecr::{
+    child_test, run_child_test, wpimg_push_ecr, write_ecr_image_yaml, Moto, MOTO_ACCOUNT,
+};
 use common::registry::{
     random_image, skopeo_manifest_digest, KnownRepositories, Proxy, ProxyMode, Registry,
     RegistryOptions,
 };
 use common::*;
+use wpimg::auth::{Credential, Secret};
+use wpimg::events::SharedReporter;
 use wpimg::layout::Layout;
+use wpimg::oci::Platform;
+use wpimg::reference::Reference;
+use wpimg::registry::{Client, ClientOptions};
 
 const REGION: &str = "us-east-1";
 const MIB: u64 = 1024 * 1024;
@@ -222,4 +229,106 @@ fn repository_unknown_to_the_registry_fails_with_name_unknown() {
     );
     let name = ok_stdout(Command::new(common::ecr::VENV_PYTHON).args(["-c", &script]));
     assert_eq!(name.trim(), "other");
+}
+
+/// A base image on an ECR host (as `wpimg build` pulls it): credentials come from the AWS SDK
+/// default chain (a token from moto) through `with_ecr_pull_credentials`, else from Docker's
+/// config; the ECR host is served by the htpasswd registry through an endpoint override.
+/// Environment variables are process-wide, so each case runs in a child copy of this test.
+#[test]
+fn base_image_on_an_ecr_host_pulls_with_an_aws_sdk_token_else_docker_config() {
+    if std::env::var_os("WPIMG_ECR_PULL_CHILD").is_some() {
+        return ecr_pull_child();
+    }
+    let moto = Moto::start();
+    let reg = Registry::start_with(RegistryOptions {
+        htpasswd: Some(("AWS".into(), format!("{MOTO_ACCOUNT}-auth-token"))),
+        tls: false,
+    });
+    let src_dir = tempfile::tempdir().unwrap();
+    let src = Layout::open_or_create(src_dir.path()).unwrap();
+    let img = random_image(&src, "base:1", &[2 * MIB], 9);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let token = Credential::Basic {
+            username: "AWS".into(),
+            password: Secret::new(format!("{MOTO_ACCOUNT}-auth-token")),
+        };
+        let c = Client::new(ClientOptions::default().with_credential(&reg.host(), token)).unwrap();
+        let dest: Reference = format!("{}/base:1", reg.host()).parse().unwrap();
+        let rep: SharedReporter = common::registry::Recorder::new();
+        c.push_image(&src, &img.manifest, &dest, &[], &rep)
+            .await
+            .unwrap();
+    });
+
+    let home = tempfile::tempdir().unwrap();
+    let empty_docker = home.path().join("docker-empty");
+    std::fs::create_dir_all(&empty_docker).unwrap();
+    let logged_in = home.path().join("docker-login");
+    {
+        use base64::Engine as _;
+        let auth = base64::engine::general_purpose::STANDARD.encode(token_creds());
+        write(
+            &logged_in.join("config.json"),
+            &serde_json::json!({"auths": {ecr_host(): {"auth": auth}}}).to_string(),
+        );
+    }
+    let child = |aws_keys: bool, docker: &Path| {
+        let mut cmd = child_test(
+            "base_image_on_an_ecr_host_pulls_with_an_aws_sdk_token_else_docker_config",
+            home.path(),
+        );
+        cmd.env("WPIMG_ECR_PULL_CHILD", reg.url())
+            .env("WPIMG_ECR_PULL_DIGEST", img.manifest.digest.to_string())
+            .env("AWS_ENDPOINT_URL_ECR", &moto.url)
+            .env("AWS_CONFIG_FILE", home.path().join("aws-config"))
+            .env(
+                "AWS_SHARED_CREDENTIALS_FILE",
+                home.path().join("aws-credentials"),
+            )
+            .env("DOCKER_CONFIG", docker);
+        if aws_keys {
+            cmd.env("AWS_ACCESS_KEY_ID", "testing")
+                .env("AWS_SECRET_ACCESS_KEY", "testing-secret-key");
+        }
+        let text = run_child_test(&mut cmd);
+        assert!(!text.contains("auth-token"), "token leaked:\n{text}");
+        text
+    };
+    // AWS credentials, nothing in Docker's config: a token from GetAuthorizationToken.
+    let t = child(true, &empty_docker);
+    assert!(t.contains("ECR-PULL: pulled"), "{t}");
+    // No AWS credentials, but `docker login` credentials for the host: those.
+    let t = child(false, &logged_in);
+    assert!(t.contains("ECR-PULL: pulled"), "{t}");
+    // Neither: the error names the registry and the AWS failure.
+    let t = child(false, &empty_docker);
+    assert!(t.contains("ECR-PULL: failed"), "{t}");
+    assert!(t.contains(&ecr_host()), "{t}");
+    assert!(t.to_lowercase().contains("credentials"), "{t}");
+}
+
+/// The child side: pull `ECR_HOST/base:1` as a build's client would, print the outcome.
+fn ecr_pull_child() {
+    let url = std::env::var("WPIMG_ECR_PULL_CHILD").unwrap();
+    let want = std::env::var("WPIMG_ECR_PULL_DIGEST").unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let base: Reference = format!("{}/base:1", ecr_host()).parse().unwrap();
+        let opts = ClientOptions::default().with_endpoint(&base.registry, url.parse().unwrap());
+        let opts = wpimg::publish::with_ecr_pull_credentials(opts, &base.registry, None);
+        let client = Client::new(opts).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::open_or_create(dir.path()).unwrap();
+        let rep: SharedReporter = common::registry::Recorder::new();
+        let platform = Platform::parse("linux/amd64").unwrap();
+        match client.pull_image(&base, &platform, &layout, &rep).await {
+            Ok(p) => {
+                assert_eq!(p.descriptor.digest.to_string(), want);
+                println!("ECR-PULL: pulled {}", p.descriptor.digest);
+            }
+            Err(e) => println!("ECR-PULL: failed: {:#}", anyhow::Error::from(e)),
+        }
+    });
 }

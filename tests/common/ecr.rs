@@ -232,3 +232,31 @@ pub fn write_ecr_image_yaml(dir: &Path, repository: &str, ecr_yaml: &str) {
         ),
     );
 }
+
+/// A command running only the test `name` of this test binary in a clean environment (`PATH`
+/// kept, `HOME` set, AWS instance metadata off): for tests whose process-wide environment must
+/// differ (AWS variables). Add the environment, then [`run_child_test`].
+pub fn child_test(name: &str, home: &Path) -> Command {
+    let mut cmd = Command::new(std::env::current_exe().expect("test binary path"));
+    cmd.args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", home)
+        .env("AWS_EC2_METADATA_DISABLED", "true");
+    cmd
+}
+
+/// Run a [`child_test`]; panics unless its one test passed. Returns its output.
+pub fn run_child_test(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "child failed:\n{text}");
+    assert!(text.contains("1 passed"), "{text}");
+    text
+}
