@@ -474,6 +474,13 @@ async fn build_client(
                 .map_err(bad_input)?,
         ),
     };
+    if let Ok(base) = crate::reference::Reference::parse(&spec.base) {
+        opts = crate::publish::with_ecr_pull_credentials(
+            opts,
+            &base.registry,
+            b.push_args.profile.clone(),
+        );
+    }
     let client = crate::registry::Client::new(opts).map_err(|e| bad_input(e.into()))?;
     Ok((client, cache_repo))
 }

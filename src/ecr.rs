@@ -177,8 +177,9 @@ pub enum EcrError {
     },
     /// The registry refused a manifest PUT with `TAG_INVALID` (immutable tag).
     #[error(
-        "the registry refused tag {tag} of {repository} (TAG_INVALID): {message}. The repository \
-         has immutable tags and the tag already exists"
+        "the registry refused tag {tag} of {repository} with TAG_INVALID ({message}): the \
+         repository's tags are immutable and {tag} already points at another image; push under a \
+         new tag, or delete the tag in ECR first"
     )]
     TagRejected {
         /// Repository URI.
@@ -227,16 +228,23 @@ impl EcrError {
 
     /// Error for a registry `TAG_INVALID` answer to a manifest PUT (detected by its code).
     pub fn tag_rejected(repository: &str, tag: &str, message: &str) -> Self {
+        let message = message.trim().trim_end_matches('.');
         Self::TagRejected {
             repository: repository.to_string(),
             tag: tag.to_string(),
-            message: message.to_string(),
+            message: if message.is_empty() {
+                "no message".to_string()
+            } else {
+                message.to_string()
+            },
         }
     }
 }
 
 /// The registry error code ECR answers a manifest PUT to an existing immutable tag with.
 pub const TAG_INVALID: &str = "TAG_INVALID";
+/// The registry error code ECR answers requests for a repository that does not exist with.
+pub const NAME_UNKNOWN: &str = "NAME_UNKNOWN";
 
 /// What kind of failure an AWS error code denotes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

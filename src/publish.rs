@@ -7,7 +7,9 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 use serde::Serialize;
 
-use crate::auth::{AuthError, Credential, CredentialProvider};
+use crate::auth::{
+    AuthError, Credential, CredentialProvider, DockerConfigProvider, SharedCredentialProvider,
+};
 use crate::ecr::{self, EcrClient, EcrError, EcrRepoRef, ScanSummary, Severity, TokenFn};
 use crate::events::{Event, SharedReporter};
 use crate::layout::Layout;
@@ -34,6 +36,19 @@ pub enum PublishError {
         count: i64,
         /// The whole summary.
         summary: String,
+    },
+    /// The registry answered `NAME_UNKNOWN` for a repository the ECR API says exists.
+    #[error(
+        "the registry does not know ECR repository {repository} (NAME_UNKNOWN) although the ECR \
+         API reports that it exists (deleted meanwhile, or a registry host or --registry-endpoint \
+         of another account or region)"
+    )]
+    RepositoryUnknown {
+        /// Repository URI.
+        repository: String,
+        /// The registry's answer.
+        #[source]
+        source: Box<RegistryError>,
     },
     /// The destination cannot be a registry reference.
     #[error("ECR repository {0:?} is not a valid reference")]
@@ -100,6 +115,94 @@ impl CredentialProvider for EcrTokens {
     }
 }
 
+/// Credentials for pulling from an ECR registry (base images of a build): ECR tokens from the
+/// AWS SDK default chain for the registry's region, fetched on first use and refreshed on a 401;
+/// when the SDK has no usable credentials (or the API refuses), the `fallback` provider's
+/// (Docker config) credentials, if it has any.
+pub struct EcrPullCredentials {
+    region: String,
+    profile: Option<String>,
+    tokens: tokio::sync::OnceCell<TokenFn>,
+    fallback: SharedCredentialProvider,
+}
+
+impl EcrPullCredentials {
+    /// Tokens from an ECR API client built lazily from the default chain for `region`.
+    pub fn new(region: &str, profile: Option<String>, fallback: SharedCredentialProvider) -> Self {
+        Self {
+            region: region.to_string(),
+            profile,
+            tokens: tokio::sync::OnceCell::new(),
+            fallback,
+        }
+    }
+
+    /// Tokens from an existing ECR API client (custom SDK configuration).
+    pub fn with_client(client: &EcrClient, fallback: SharedCredentialProvider) -> Self {
+        Self {
+            region: client.region().to_string(),
+            profile: None,
+            tokens: tokio::sync::OnceCell::new_with(Some(client.token_provider().token_fn())),
+            fallback,
+        }
+    }
+
+    async fn token(&self, refresh: bool) -> Result<Credential, EcrError> {
+        let f = self
+            .tokens
+            .get_or_try_init(|| async {
+                let c = EcrClient::new(Some(self.region.clone()), self.profile.clone()).await?;
+                Ok::<_, EcrError>(c.token_provider().token_fn())
+            })
+            .await?;
+        let (username, password) = f(refresh).await?;
+        Ok(Credential::Basic { username, password })
+    }
+}
+
+impl CredentialProvider for EcrPullCredentials {
+    fn credential<'a>(
+        &'a self,
+        registry: &'a str,
+        refresh: bool,
+    ) -> BoxFuture<'a, Result<Credential, AuthError>> {
+        Box::pin(async move {
+            match self.token(refresh).await {
+                Ok(c) => Ok(c),
+                Err(e) => match self.fallback.credential(registry, refresh).await {
+                    Ok(c) if !c.is_anonymous() => Ok(c),
+                    _ => Err(AuthError::Provider {
+                        registry: registry.to_string(),
+                        source: Box::new(e),
+                    }),
+                },
+            }
+        })
+    }
+}
+
+/// Registry client options that pull from `registry` with [`EcrPullCredentials`] when it is an
+/// ECR host (`ACCOUNT.dkr.ecr.REGION.amazonaws.com`) without credentials of its own yet; Docker
+/// config credentials (or `default_credentials`) stay the fallback.
+pub fn with_ecr_pull_credentials(
+    opts: ClientOptions,
+    registry: &str,
+    profile: Option<String>,
+) -> ClientOptions {
+    let Some(host) = ecr::parse_ecr_host(registry) else {
+        return opts;
+    };
+    if opts.credentials.contains_key(registry) {
+        return opts;
+    }
+    let fallback = opts
+        .default_credentials
+        .clone()
+        .unwrap_or_else(|| Arc::new(DockerConfigProvider::default()));
+    let provider = EcrPullCredentials::new(&host.region, profile, fallback);
+    opts.with_provider(registry, Arc::new(provider))
+}
+
 /// Push `manifest` from `layout` to ECR: ensure the repository, check immutable tags before
 /// uploading anything, push with an ECR token, then optionally wait for the scan.
 pub async fn push_to_ecr(
@@ -156,12 +259,7 @@ pub async fn push_to_ecr(
         let report = registry
             .push_image(layout, manifest, &dest, &plan.push, rep)
             .await
-            .map_err(|e| match plan.push.first() {
-                Some(tag) if e.has_code(ecr::TAG_INVALID) => {
-                    PublishError::Ecr(EcrError::tag_rejected(&repo.uri(), tag, &e.to_string()))
-                }
-                _ => PublishError::Registry(Box::new(e)),
-            })?;
+            .map_err(|e| registry_failure(&repo.uri(), e))?;
         Some(report)
     };
     let scan = match opts.wait_scan {
@@ -190,6 +288,26 @@ pub async fn push_to_ecr(
     })
 }
 
+/// Turn a registry error of an ECR push into a helpful one, by ECR's error codes.
+fn registry_failure(repository: &str, e: RegistryError) -> PublishError {
+    match e.tag() {
+        Some(tag) if e.has_code(ecr::TAG_INVALID) => {
+            let said: Vec<&str> = e
+                .api_errors()
+                .iter()
+                .filter(|a| a.code == ecr::TAG_INVALID && !a.message.is_empty())
+                .map(|a| a.message.as_str())
+                .collect();
+            PublishError::Ecr(EcrError::tag_rejected(repository, tag, &said.join("; ")))
+        }
+        _ if e.has_code(ecr::NAME_UNKNOWN) => PublishError::RepositoryUnknown {
+            repository: repository.to_string(),
+            source: Box::new(e),
+        },
+        _ => PublishError::Registry(Box::new(e)),
+    }
+}
+
 /// Resolve an ECR repository (full URI or bare name) and credentials for its registry, making
 /// sure it exists (created with `settings` when they allow it). Used for `--cache-repo` with
 /// `--ecr`.
@@ -211,4 +329,23 @@ pub async fn ecr_repository_access(
         .parse()
         .map_err(|_| PublishError::BadRepository(repo.uri()))?;
     Ok((reference, Arc::new(EcrTokens(tokens.token_fn()))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ecr_pull_credentials_only_for_ecr_hosts_without_own_credentials() {
+        let ecr_host = "123456789012.dkr.ecr.eu-west-1.amazonaws.com";
+        let o = with_ecr_pull_credentials(ClientOptions::default(), ecr_host, None);
+        assert!(o.credentials.contains_key(ecr_host));
+        let o = with_ecr_pull_credentials(ClientOptions::default(), "127.0.0.1:5000", None);
+        assert!(o.credentials.is_empty());
+        let own: SharedCredentialProvider =
+            Arc::new(crate::auth::StaticCredential(Credential::Anonymous));
+        let o = ClientOptions::default().with_provider(ecr_host, own.clone());
+        let o = with_ecr_pull_credentials(o, ecr_host, None);
+        assert!(Arc::ptr_eq(&o.credentials[ecr_host], &own));
+    }
 }

@@ -2,13 +2,12 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_sdk_ecr::config::Credentials;
 use aws_sdk_ecr::types::ImageIdentifier;
-use common::ecr::{Moto, MOTO_ACCOUNT};
+use common::ecr::{child_test, run_child_test, Moto, MOTO_ACCOUNT};
 use wpimg::ecr::{
     plan_tags, EcrClient, EcrError, EcrRepo, EcrRepoRef, Severity, TagState, TagStatus,
 };
@@ -460,28 +459,11 @@ fn default_chain_from_environment_and_profile() {
          [ci]\naws_access_key_id = testing\naws_secret_access_key = testing\n",
     )
     .unwrap();
-    let out = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "default_chain_from_environment_and_profile",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("HOME", home.path())
-        .env("WPIMG_ECR_CHILD", "1")
-        .env("AWS_ENDPOINT_URL_ECR", &moto.url)
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    let text = run_child_test(
+        child_test("default_chain_from_environment_and_profile", home.path())
+            .env("WPIMG_ECR_CHILD", "1")
+            .env("AWS_ENDPOINT_URL_ECR", &moto.url),
     );
-    assert!(out.status.success(), "child failed:\n{text}");
-    assert!(text.contains("1 passed"), "{text}");
     eprintln!("{text}");
 }
 

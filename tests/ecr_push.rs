@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::ecr::{Moto, MOTO_ACCOUNT};
+use common::ecr::{wpimg_push_ecr, write_ecr_image_yaml, Moto, MOTO_ACCOUNT};
 use common::registry::{Registry, RegistryOptions};
 use common::*;
 
@@ -33,14 +33,7 @@ fn setup(ecr_yaml: &str) -> Env {
         tls: false,
     });
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("pb.yml"), "- hosts: all\n  tasks: []\n").unwrap();
-    write(
-        &dir.path().join("image.yaml"),
-        &format!(
-            "name: app\nbase: {BASE}\nprovision: {{ playbook: pb.yml }}\ntarget:\n  repository: {}/wp\n  tags: [v1]\n  ecr:\n{ecr_yaml}",
-            ecr_host()
-        ),
-    );
+    write_ecr_image_yaml(dir.path(), &format!("{}/wp", ecr_host()), ecr_yaml);
     Env {
         moto,
         reg,
@@ -62,40 +55,10 @@ fn put_image(dir: &Path, source: &str) {
 }
 
 fn push(env: &Env, extra: &[&str]) -> (Option<i32>, serde_json::Value, String) {
-    let o = run(wpimg()
-        .current_dir(env.dir.path())
-        .env("AWS_ENDPOINT_URL_ECR", &env.moto.url)
-        .env("AWS_ACCESS_KEY_ID", "testing")
-        .env("AWS_SECRET_ACCESS_KEY", "testing-secret-key")
-        .env("AWS_CONFIG_FILE", env.aws.path().join("config"))
-        .env(
-            "AWS_SHARED_CREDENTIALS_FILE",
-            env.aws.path().join("credentials"),
-        )
-        .env_remove("AWS_PROFILE")
-        .env_remove("AWS_REGION")
-        .env_remove("AWS_DEFAULT_REGION")
-        .args([
-            "push",
-            "--ecr",
-            "--json",
-            "--registry-endpoint",
-            &env.reg.url(),
-        ])
-        .args(extra));
-    let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
-    let last = stdout
-        .lines()
-        .last()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .unwrap_or(serde_json::Value::Null);
-    assert!(!stdout.contains("testing-secret-key") && !stderr.contains("testing-secret-key"));
-    assert!(
-        !stdout.contains("auth-token") && !stderr.contains("auth-token"),
-        "token leaked"
-    );
-    (o.status.code(), last, stderr)
+    let url = env.reg.url();
+    let mut args = vec!["--registry-endpoint", &url];
+    args.extend(extra);
+    wpimg_push_ecr(&env.moto, env.dir.path(), env.aws.path(), &args)
 }
 
 #[test]

@@ -594,6 +594,31 @@ impl Client {
         }
     }
 
+    /// Run `once` until it succeeds or fails for good: temporary failures (connection errors,
+    /// 5xx, 408, 429 with its `Retry-After`) are retried with backoff up to the policy's
+    /// attempts, each retry reported as a note naming `op`; anything else is returned at once.
+    pub(crate) async fn with_retries<T, F, Fut>(
+        &self,
+        op: &str,
+        reporter: &SharedReporter,
+        mut once: F,
+    ) -> Result<T, RegistryError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, RegistryError>>,
+    {
+        let mut attempt = 1;
+        loop {
+            match once().await {
+                Err(e) if e.is_temporary() && attempt < self.opts.retry.max_attempts => {
+                    self.pause(attempt, op, &e, reporter).await;
+                    attempt += 1;
+                }
+                outcome => return outcome,
+            }
+        }
+    }
+
     pub(crate) async fn pause(
         &self,
         attempt: u32,

@@ -231,6 +231,27 @@ impl RegistryError {
         matches!(self, Self::Api { errors, .. } if errors.iter().any(|e| e.code == code))
     }
 
+    /// The registry's error entries of an [`RegistryError::Api`] error (empty otherwise).
+    pub fn api_errors(&self) -> &[ApiError] {
+        match self {
+            Self::Api { errors, .. } => errors,
+            _ => &[],
+        }
+    }
+
+    /// The tag a failed tagging request (manifest PUT under a tag) was for.
+    pub fn tag(&self) -> Option<&str> {
+        match self {
+            Self::Api { operation, .. }
+            | Self::Transport { operation, .. }
+            | Self::Protocol { operation, .. } => operation
+                .strip_prefix("tag ")?
+                .split_once(" as ")
+                .map(|(_, tag)| tag),
+            _ => None,
+        }
+    }
+
     /// The HTTP status of an [`RegistryError::Api`] error.
     pub fn status(&self) -> Option<u16> {
         match self {
@@ -246,6 +267,12 @@ impl RegistryError {
             _ => None,
         }
     }
+}
+
+/// The operation text of putting the manifest `digest` under `tag` (read back by
+/// [`RegistryError::tag`]).
+pub(crate) fn tag_operation(digest: &Digest, tag: &str) -> String {
+    format!("tag {digest} as {tag}")
 }
 
 /// The code used when an error answer has no JSON body.
@@ -349,6 +376,22 @@ mod tests {
             "127.0.0.1:5000/app: put manifest v1: TAG_INVALID: tag invalid (HTTP 400)"
         );
         assert!(!e.is_temporary());
+        assert_eq!(e.tag(), None);
+        assert_eq!(e.api_errors()[0].message, "tag invalid");
+    }
+
+    #[test]
+    fn tagging_errors_name_their_tag() {
+        let d = Digest::of_bytes(b"m");
+        let e = RegistryError::Api {
+            repository: "r".into(),
+            operation: tag_operation(&d, "v1.2"),
+            status: 400,
+            errors: parse_error_body(400, br#"{"errors":[{"code":"TAG_INVALID"}]}"#),
+            retry_after: None,
+        };
+        assert_eq!(e.tag(), Some("v1.2"));
+        assert!(e.has_code("TAG_INVALID"));
     }
 
     #[test]

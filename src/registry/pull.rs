@@ -418,21 +418,11 @@ impl Client {
             BlobOutcome::Skipped
         } else {
             let progress = Progress::new(&desc.digest, reporter);
-            let mut attempt = 1;
-            loop {
-                match self
-                    .download_blob(repo, layout, desc, &progress, reporter)
-                    .await
-                {
-                    Ok(()) => break BlobOutcome::Downloaded,
-                    Err(e) if e.is_temporary() && attempt < self.opts.retry.max_attempts => {
-                        self.pause(attempt, &format!("pull blob {}", desc.digest), &e, reporter)
-                            .await;
-                        attempt += 1;
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
+            self.with_retries(&format!("pull blob {}", desc.digest), reporter, || {
+                self.download_blob(repo, layout, desc, &progress, reporter)
+            })
+            .await?;
+            BlobOutcome::Downloaded
         };
         reporter.event(Event::BlobDone {
             digest: desc.digest.to_string(),

@@ -15,7 +15,7 @@ use tokio_util::io::ReaderStream;
 use url::Url;
 
 use super::client::{error_from_response, expect_status, Client, Repo, MANIFEST_ACCEPT};
-use super::error::RegistryError;
+use super::error::{tag_operation, RegistryError};
 use super::sources::BlobSources;
 use crate::events::{BlobOutcome, Event, SharedReporter};
 use crate::layout::{Layout, LayoutError};
@@ -409,21 +409,11 @@ impl Client {
             direction: "push".into(),
         });
         let progress = Progress::new(&desc.digest, reporter);
-        let mut attempt = 1;
-        let (outcome, mounted_from) = loop {
-            match self
-                .push_blob_once(repo, layout, desc, mount_from, &progress, reporter)
-                .await
-            {
-                Ok(r) => break r,
-                Err(e) if e.is_temporary() && attempt < self.opts.retry.max_attempts => {
-                    self.pause(attempt, &format!("push blob {}", desc.digest), &e, reporter)
-                        .await;
-                    attempt += 1;
-                }
-                Err(e) => return Err(e),
-            }
-        };
+        let (outcome, mounted_from) = self
+            .with_retries(&format!("push blob {}", desc.digest), reporter, || {
+                self.push_blob_once(repo, layout, desc, mount_from, &progress, reporter)
+            })
+            .await?;
         reporter.event(Event::BlobDone {
             digest: desc.digest.to_string(),
             size: desc.size,
@@ -701,7 +691,7 @@ impl Client {
         let op = if reference.starts_with("sha256:") {
             format!("push manifest {reference}")
         } else {
-            format!("tag {} as {reference}", desc.digest)
+            tag_operation(&desc.digest, reference)
         };
         let u = repo.url(&format!("manifests/{reference}"))?;
         let resp = self

@@ -177,3 +177,86 @@ pub fn http(port: u16, method: &str, path: &str, body: &str) -> std::io::Result<
         .unwrap_or_default();
     Ok((status, body))
 }
+
+/// `wpimg push --ecr --json` in `dir` with the AWS SDK pointed at moto (test keys, no user
+/// config from `aws_dir`) plus `args`: (exit code, last JSON line, stderr). Fails if the secret
+/// key or moto's registry token shows up in the output.
+pub fn wpimg_push_ecr(
+    moto: &Moto,
+    dir: &Path,
+    aws_dir: &Path,
+    args: &[&str],
+) -> (Option<i32>, serde_json::Value, String) {
+    let o = super::run(
+        super::wpimg()
+            .current_dir(dir)
+            .env("AWS_ENDPOINT_URL_ECR", &moto.url)
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing-secret-key")
+            .env("AWS_CONFIG_FILE", aws_dir.join("config"))
+            .env("AWS_SHARED_CREDENTIALS_FILE", aws_dir.join("credentials"))
+            .env_remove("AWS_PROFILE")
+            .env_remove("AWS_REGION")
+            .env_remove("AWS_DEFAULT_REGION")
+            .args(["push", "--ecr", "--json"])
+            .args(args),
+    );
+    let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+    let last = stdout
+        .lines()
+        .last()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .unwrap_or(serde_json::Value::Null);
+    assert!(
+        !stdout.contains("testing-secret-key") && !stderr.contains("testing-secret-key"),
+        "secret key leaked"
+    );
+    assert!(
+        !stdout.contains("auth-token") && !stderr.contains("auth-token"),
+        "token leaked"
+    );
+    (o.status.code(), last, stderr)
+}
+
+/// Write an empty playbook and an `image.yaml` (image `app`, tag `v1`) targeting `repository`
+/// with `ecr_yaml` (lines indented by four spaces) as its `target.ecr` settings into `dir`.
+pub fn write_ecr_image_yaml(dir: &Path, repository: &str, ecr_yaml: &str) {
+    super::write(&dir.join("pb.yml"), "- hosts: all\n  tasks: []\n");
+    super::write(
+        &dir.join("image.yaml"),
+        &format!(
+            "name: app\nbase: {}\nprovision: {{ playbook: pb.yml }}\ntarget:\n  repository: \
+             {repository}\n  tags: [v1]\n  ecr:\n{ecr_yaml}",
+            super::BASE
+        ),
+    );
+}
+
+/// A command running only the test `name` of this test binary in a clean environment (`PATH`
+/// kept, `HOME` set, AWS instance metadata off): for tests whose process-wide environment must
+/// differ (AWS variables). Add the environment, then [`run_child_test`].
+pub fn child_test(name: &str, home: &Path) -> Command {
+    let mut cmd = Command::new(std::env::current_exe().expect("test binary path"));
+    cmd.args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", home)
+        .env("AWS_EC2_METADATA_DISABLED", "true");
+    cmd
+}
+
+/// Run a [`child_test`]; panics unless its one test passed. Returns its output.
+pub fn run_child_test(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "child failed:\n{text}");
+    assert!(text.contains("1 passed"), "{text}");
+    text
+}

@@ -321,6 +321,21 @@ pub struct ProxyMode {
     pub corrupt_blobs: bool,
     /// Answer every n-th repository request with this status (429 gets `Retry-After: 1`).
     pub flaky: Option<(u32, u16)>,
+    /// Like ECR, answer requests for any repository outside this set with 404 `NAME_UNKNOWN`
+    /// (None: every repository exists).
+    pub known_repositories: Option<KnownRepositories>,
+    /// Like an ECR repository with immutable tags: refuse a manifest PUT to a tag that already
+    /// holds another digest with 400 `TAG_INVALID`.
+    pub immutable_tags: bool,
+}
+
+/// The repositories an ECR-like [`Proxy`] knows, in one registry (account).
+#[derive(Debug, Clone)]
+pub struct KnownRepositories {
+    /// Registry id (AWS account) named in `NAME_UNKNOWN` messages.
+    pub account: String,
+    /// Repository names.
+    pub names: Vec<String>,
 }
 
 const FIVE_MIB: u64 = 5 * 1024 * 1024;
@@ -594,6 +609,19 @@ async fn route(sh: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
             return r;
         }
     }
+    if let (Some(known), Some(repo)) = (&sh.mode.known_repositories, repo_of(&path)) {
+        if !known.names.contains(&repo) {
+            drain(req.into_body()).await;
+            return api_error(
+                StatusCode::NOT_FOUND,
+                "NAME_UNKNOWN",
+                &format!(
+                    "The repository with name '{repo}' does not exist in the registry with id '{}'",
+                    known.account
+                ),
+            );
+        }
+    }
     if sh.mode.ecr_chunked {
         if let Some(r) = ecr_rules(sh, &req, &path, &query) {
             drain(req.into_body()).await;
@@ -608,7 +636,66 @@ async fn route(sh: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     } else {
         format!("{path}?{query}")
     };
+    if sh.mode.immutable_tags && req.method() == "PUT" {
+        if let Some((repo, tag)) = manifest_tag_of(&path) {
+            return put_immutable(sh, req, &repo, &tag, &pq, &path).await;
+        }
+    }
     forward(sh, req, &pq, &path).await
+}
+
+/// `(repository, tag)` of a `/v2/<name>/manifests/<tag>` path (None for digests).
+fn manifest_tag_of(path: &str) -> Option<(String, String)> {
+    let rest = path.strip_prefix("/v2/")?;
+    let (repo, reference) = rest.rsplit_once("/manifests/")?;
+    (!reference.contains(':')).then(|| (repo.to_string(), reference.to_string()))
+}
+
+/// A manifest PUT to a tag of an immutable repository: refused with ECR's `TAG_INVALID` when
+/// the tag holds another digest upstream, forwarded otherwise.
+async fn put_immutable(
+    sh: &Arc<Shared>,
+    req: Request<Incoming>,
+    repo: &str,
+    tag: &str,
+    pq: &str,
+    path: &str,
+) -> Response<Body> {
+    let (parts, body) = req.into_parts();
+    let raw = match body.collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(e) => return full(StatusCode::BAD_REQUEST, &[], format!("proxy: {e}")),
+    };
+    let digest = Digest::of_bytes(&raw).to_string();
+    let mut head = sh
+        .client
+        .head(format!("{}/v2/{repo}/manifests/{tag}", sh.upstream))
+        .header("accept", wpimg::registry::MANIFEST_ACCEPT);
+    if sh.mode.token_auth.is_none() {
+        if let Some(a) = parts.headers.get("authorization") {
+            head = head.header("authorization", a.as_bytes());
+        }
+    }
+    let existing = match head.send().await {
+        Ok(r) if r.status() == 200 => r
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string),
+        Ok(_) => None,
+        Err(e) => return full(StatusCode::BAD_GATEWAY, &[], format!("proxy: {e}")),
+    };
+    if existing.is_some_and(|d| d != digest) {
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            "TAG_INVALID",
+            &format!(
+                "The image tag '{tag}' already exists in the '{repo}' repository and cannot be \
+                 overwritten because the repository is immutable."
+            ),
+        );
+    }
+    forward_parts(sh, parts, Some(reqwest::Body::from(raw)), pq, path).await
 }
 
 fn token_endpoint(
@@ -750,6 +837,20 @@ fn ecr_rules(
 
 async fn forward(sh: &Arc<Shared>, req: Request<Incoming>, pq: &str, path: &str) -> Response<Body> {
     let (parts, body) = req.into_parts();
+    let has_body = header_u64(&parts.headers, "content-length") > 0
+        || parts.headers.contains_key("transfer-encoding");
+    let body =
+        has_body.then(|| reqwest::Body::wrap_stream(BodyStream::new(body).filter_map_frames()));
+    forward_parts(sh, parts, body, pq, path).await
+}
+
+async fn forward_parts(
+    sh: &Arc<Shared>,
+    parts: http::request::Parts,
+    body: Option<reqwest::Body>,
+    pq: &str,
+    path: &str,
+) -> Response<Body> {
     let url = format!("{}{}", sh.upstream, pq);
     let method = reqwest::Method::from_bytes(parts.method.as_str().as_bytes()).unwrap();
     let mut rb = sh.client.request(method.clone(), url);
@@ -763,11 +864,8 @@ async fn forward(sh: &Arc<Shared>, req: Request<Incoming>, pq: &str, path: &str)
         }
         rb = rb.header(n, v.as_bytes());
     }
-    let has_body = header_u64(&parts.headers, "content-length") > 0
-        || parts.headers.contains_key("transfer-encoding");
-    if has_body {
-        let s = BodyStream::new(body).filter_map_frames();
-        rb = rb.body(reqwest::Body::wrap_stream(s));
+    if let Some(body) = body {
+        rb = rb.body(body);
     }
     let patch_len = header_u64(&parts.headers, "content-length");
     let resp = match rb.send().await {
