@@ -164,7 +164,9 @@ impl EngineEndpoint {
     /// Like [`EngineEndpoint::from_env`], reading variables through `var`.
     pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Self, RuntimeError> {
         let given = var("DOCKER_HOST");
-        let raw = given.clone().unwrap_or_else(|| DEFAULT_DOCKER_HOST.to_string());
+        let raw = given
+            .clone()
+            .unwrap_or_else(|| DEFAULT_DOCKER_HOST.to_string());
         let bad = |reason: &str| RuntimeError::BadHost {
             host: raw.clone(),
             reason: reason.to_string(),
@@ -238,7 +240,11 @@ impl EngineEndpoint {
             path: path.to_path_buf(),
             reason,
         };
-        let (ca, cert, key) = (dir.join("ca.pem"), dir.join("cert.pem"), dir.join("key.pem"));
+        let (ca, cert, key) = (
+            dir.join("ca.pem"),
+            dir.join("cert.pem"),
+            dir.join("key.pem"),
+        );
         for p in [&ca, &cert, &key] {
             if let Err(e) = std::fs::metadata(p) {
                 return Err(fault(p, e.to_string()));
@@ -749,14 +755,21 @@ mod tests {
         .unwrap();
         assert_eq!(e.tls_cert_dir, Some(PathBuf::from("/home/u/.docker")));
         // TLS variables do not apply to a unix socket.
-        let e = ep(&[("DOCKER_HOST", "unix:///x.sock"), ("DOCKER_TLS_VERIFY", "1")]).unwrap();
+        let e = ep(&[
+            ("DOCKER_HOST", "unix:///x.sock"),
+            ("DOCKER_TLS_VERIFY", "1"),
+        ])
+        .unwrap();
         assert!(e.tls_cert_dir.is_none());
     }
 
     #[test]
     fn bad_endpoints_name_the_host() {
         for (vars, want) in [
-            (vec![("DOCKER_HOST", "ssh://u@h")], "unsupported scheme ssh://"),
+            (
+                vec![("DOCKER_HOST", "ssh://u@h")],
+                "unsupported scheme ssh://",
+            ),
             (vec![("DOCKER_HOST", "tcp://h:port")], "not a number"),
             (vec![("DOCKER_HOST", "tcp://")], "expected tcp://HOST:PORT"),
             (
@@ -781,7 +794,10 @@ mod tests {
         .unwrap();
         let err = e.tls_files(d.path()).unwrap_err().to_string();
         assert!(err.contains("tcp://127.0.0.1:9"), "{err}");
-        assert!(err.contains(&d.path().join("ca.pem").display().to_string()), "{err}");
+        assert!(
+            err.contains(&d.path().join("ca.pem").display().to_string()),
+            "{err}"
+        );
         for f in ["ca.pem", "cert.pem"] {
             std::fs::write(d.path().join(f), "not pem").unwrap();
         }
