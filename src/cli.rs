@@ -590,6 +590,7 @@ async fn dispatch(cli: &Cli, out: &Arc<Output>) -> Result<(), Failure> {
                     .endpoint()
                     .from_docker_host
                     .then(|| engine.host().to_string()),
+                docker_tls_cert_dir: engine.endpoint().tls_cert_dir.clone(),
                 no_cache: b.no_cache,
                 cache_repo,
             };
