@@ -70,7 +70,7 @@ pub enum InspectError {
         reference: String,
         /// The cause.
         #[source]
-        source: RegistryError,
+        source: Box<RegistryError>,
     },
 }
 
@@ -363,7 +363,7 @@ pub async fn from_registry(
         .await
         .map_err(|source| InspectError::Registry {
             reference: reference.to_string(),
-            source,
+            source: Box::new(source),
         })?;
     view(
         reference.to_string(),
