@@ -500,7 +500,7 @@ pub fn render_human(v: &ImageView) -> String {
             };
             out.push_str(&format!(
                 "  {:<20}  {}{}\n",
-                created.get(..20).unwrap_or(created),
+                created.get(..19).unwrap_or(created),
                 clip(by, 90),
                 empty
             ));

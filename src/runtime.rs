@@ -27,7 +27,7 @@ pub const BUILD_LABEL: &str = "io.wpimg.build";
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
     /// No engine answered.
-    #[error("no Docker engine answers at {host}{}: {source} (start dockerd, e.g. with scripts/setup, or set DOCKER_HOST)", tls_note(.tls))]
+    #[error("no Docker engine answers at {host}{} (start dockerd, e.g. with scripts/setup, or set DOCKER_HOST)", tls_note(.tls))]
     Unreachable {
         /// Where we looked.
         host: String,
