@@ -106,6 +106,8 @@ pub struct BuildOptions {
     pub cancel: CancellationToken,
     /// `DOCKER_HOST` handed to Ansible.
     pub docker_host: Option<String>,
+    /// TLS certificate directory handed to Ansible with `docker_host`.
+    pub docker_tls_cert_dir: Option<PathBuf>,
     /// Do not reuse a cached layer (a fresh one is still stored).
     pub no_cache: bool,
     /// Registry repository sharing the build cache between machines (`--cache-repo`).
@@ -577,6 +579,7 @@ async fn provision_and_extract(
         args: spec.provision.ansible_args.clone(),
         env: spec.provision.env.clone(),
         docker_host: opts.docker_host.clone(),
+        docker_tls_cert_dir: opts.docker_tls_cert_dir.clone(),
     };
     cancellable(&opts.cancel, provision::run(&run, rep))
         .await?

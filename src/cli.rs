@@ -75,16 +75,33 @@ pub enum Command {
     },
     /// Push an image of the local layout to a registry (or Amazon ECR).
     Push(PushCmd),
-    /// Show an image of the local layout (layers, sizes, config, history).
-    Inspect {
-        /// `NAME[:TAG]` in the layout.
-        reference: String,
-    },
+    /// Show an image (layers, sizes, config, history) of the local layout or a registry.
+    Inspect(InspectCmd),
     /// Print shell completions.
     Completions {
         /// The shell.
         shell: clap_complete::Shell,
     },
+}
+
+/// `wpimg inspect` arguments.
+#[derive(Debug, Args)]
+pub struct InspectCmd {
+    /// `NAME[:TAG]` of the local layout, `oci:DIR[:NAME:TAG]`, or a registry image
+    /// `docker://HOST/REPO:TAG` (also `HOST/REPO:TAG` when the layout lacks it).
+    pub reference: String,
+    /// Platform to pick from an index [default: this machine's].
+    #[arg(long, value_name = "OS/ARCH[/VARIANT]", value_parser = parse_platform)]
+    pub platform: Option<crate::oci::Platform>,
+    /// Registry user name (password read from stdin with --password-stdin).
+    #[arg(long, requires = "password_stdin")]
+    pub username: Option<String>,
+    /// Read the registry password from stdin.
+    #[arg(long, requires = "username")]
+    pub password_stdin: bool,
+    /// Send the registry's requests to this base URL (mirror or test endpoint).
+    #[arg(long, value_name = "URL")]
+    pub registry_endpoint: Option<url::Url>,
 }
 
 /// `wpimg build` flags.
@@ -336,7 +353,7 @@ impl Reporter for Output {
                 self.say(&format!(
                     "    {} {:>10} {}",
                     short(&digest),
-                    human_bytes(size),
+                    crate::inspect::human_bytes(size),
                     serde_json::to_value(outcome)
                         .ok()
                         .and_then(|v| v.as_str().map(str::to_string))
@@ -426,6 +443,39 @@ fn client_options(g: &GlobalArgs, push: Option<&PushArgs>) -> crate::registry::C
         o.force_chunked = a.force_chunked;
     }
     o
+}
+
+/// Add `--registry-endpoint` and `--username`/`--password-stdin` for one registry.
+fn with_login(
+    mut opts: crate::registry::ClientOptions,
+    registry: &str,
+    username: Option<&str>,
+    password_stdin: bool,
+    endpoint: Option<&url::Url>,
+) -> Result<crate::registry::ClientOptions, Failure> {
+    if let Some(url) = endpoint {
+        opts = opts.with_endpoint(registry, url.clone());
+    }
+    if let (Some(user), true) = (username, password_stdin) {
+        let mut password = String::new();
+        std::io::stdin()
+            .read_line(&mut password)
+            .context("read the password from stdin")?;
+        let password = password.trim_end_matches(['\n', '\r']).to_string();
+        if password.is_empty() {
+            return Err(bad_input(anyhow::anyhow!(
+                "--password-stdin: stdin held no password"
+            )));
+        }
+        opts = opts.with_credential(
+            registry,
+            crate::auth::Credential::Basic {
+                username: user.to_string(),
+                password: crate::auth::Secret::new(password),
+            },
+        );
+    }
+    Ok(opts)
 }
 
 /// `--to`, else `target.repository`.
@@ -537,6 +587,7 @@ async fn dispatch(cli: &Cli, out: &Arc<Output>) -> Result<(), Failure> {
         Command::Build(b) => {
             let spec = load_spec(&b.image_yaml, g)?;
             let engine = crate::runtime::DockerEngine::connect().await?;
+            engine_note(&engine, &rep).await;
             let (client, cache_repo) = build_client(g, b, &spec).await?;
             // A plain registry push is prepared first so the new layer streams to it while it
             // is compressed (ECR pushes check immutable tags first, so they upload afterwards).
@@ -558,7 +609,11 @@ async fn dispatch(cli: &Cli, out: &Arc<Output>) -> Result<(), Failure> {
                 layer_path: b.layer_path,
                 client,
                 cancel: cancel_on_signal(),
-                docker_host: std::env::var("DOCKER_HOST").ok(),
+                docker_host: engine
+                    .endpoint()
+                    .from_docker_host
+                    .then(|| engine.host().to_string()),
+                docker_tls_cert_dir: engine.endpoint().tls_cert_dir.clone(),
                 no_cache: b.no_cache,
                 cache_repo,
                 layer_tee: tee,
@@ -654,18 +709,7 @@ async fn dispatch(cli: &Cli, out: &Arc<Output>) -> Result<(), Failure> {
             out.result("push", pushed);
             Ok(())
         }
-        Command::Inspect { reference } => {
-            let dir = g
-                .oci_dir
-                .clone()
-                .unwrap_or_else(|| PathBuf::from(".wpimg/oci"));
-            let v = inspect_local(&dir, reference)?;
-            if !g.json {
-                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-            }
-            out.result("inspect", v);
-            Ok(())
-        }
+        Command::Inspect(i) => inspect(g, i, out).await,
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(*shell, &mut cmd, "wpimg", &mut std::io::stdout());
@@ -747,7 +791,7 @@ fn registry_push_target(
     Failure,
 > {
     let (dest, tags) = push_destination(args, spec).map_err(bad_input)?;
-    let mut opts = client_options(g, Some(args));
+    let opts = client_options(g, Some(args));
     if args.chunk_size < crate::registry::MIN_CHUNK_SIZE {
         return Err(bad_input(anyhow::anyhow!(
             "--chunk-size {}: at least {} bytes (5 MiB, Amazon ECR's minimum part size)",
@@ -755,28 +799,13 @@ fn registry_push_target(
             crate::registry::MIN_CHUNK_SIZE
         )));
     }
-    if let Some(url) = &args.registry_endpoint {
-        opts = opts.with_endpoint(&dest.registry, url.clone());
-    }
-    if let (Some(user), true) = (&args.username, args.password_stdin) {
-        let mut password = String::new();
-        std::io::stdin()
-            .read_line(&mut password)
-            .context("read the password from stdin")?;
-        let password = password.trim_end_matches(['\n', '\r']).to_string();
-        if password.is_empty() {
-            return Err(bad_input(anyhow::anyhow!(
-                "--password-stdin: stdin held no password"
-            )));
-        }
-        opts = opts.with_credential(
-            &dest.registry,
-            crate::auth::Credential::Basic {
-                username: user.clone(),
-                password: crate::auth::Secret::new(password),
-            },
-        );
-    }
+    let opts = with_login(
+        opts,
+        &dest.registry,
+        args.username.as_deref(),
+        args.password_stdin,
+        args.registry_endpoint.as_ref(),
+    )?;
     let client = crate::registry::Client::new(opts).map_err(|e| bad_input(e.into()))?;
     Ok((Arc::new(client), dest, tags))
 }
@@ -955,28 +984,79 @@ fn summary(out: &Output, r: &crate::build::BuildReport) {
     out.say(&format!("stages: {}", times.join(", ")));
 }
 
-fn inspect_local(dir: &Path, reference: &str) -> Result<serde_json::Value, Failure> {
-    let reference = if reference.contains(':') {
-        reference.to_string()
-    } else {
-        format!("{reference}:latest")
+/// A verbose note on the engine reached (host, TLS, version).
+async fn engine_note(engine: &crate::runtime::DockerEngine, rep: &SharedReporter) {
+    use crate::runtime::Engine;
+    let tls = engine
+        .endpoint()
+        .tls_cert_dir
+        .as_ref()
+        .map(|d| format!(" (TLS, certificates from {})", d.display()))
+        .unwrap_or_default();
+    let message = match engine.info().await {
+        Ok(i) => format!(
+            "engine {}{tls}: Docker {}, API {}, storage {}",
+            engine.host(),
+            i.version,
+            i.api_version,
+            i.storage_driver
+        ),
+        Err(e) => format!("engine {}{tls}: {e}", engine.host()),
     };
-    let layout = crate::layout::Layout::open(dir)
-        .with_context(|| format!("open OCI layout {}", dir.display()))?;
-    let desc = layout.resolve(&reference)?;
-    let manifest_bytes = layout.read_blob(&desc.digest)?;
-    let manifest: crate::oci::ImageManifest = serde_json::from_slice(&manifest_bytes)
-        .with_context(|| format!("manifest {}", desc.digest))?;
-    let config: serde_json::Value =
-        serde_json::from_slice(&layout.read_blob(&manifest.config.digest)?)
-            .with_context(|| format!("config {}", manifest.config.digest))?;
-    Ok(serde_json::json!({
-        "reference": reference,
-        "digest": desc.digest,
-        "manifest": manifest,
-        "config": config,
-        "total_size": manifest.layers.iter().map(|l| l.size).sum::<u64>(),
-    }))
+    rep.event(Event::Note { message });
+}
+
+async fn inspect(g: &GlobalArgs, i: &InspectCmd, out: &Arc<Output>) -> Result<(), Failure> {
+    use crate::inspect::{InspectError, Target};
+    let bad = |e: InspectError| match e {
+        InspectError::BadReference(_) => bad_input(e.into()),
+        e => Failure::from(e),
+    };
+    let default_dir = g
+        .oci_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(".wpimg/oci"));
+    let platform = i
+        .platform
+        .clone()
+        .unwrap_or_else(crate::oci::Platform::host);
+    let view = match crate::inspect::resolve_target(&i.reference, &default_dir).map_err(bad)? {
+        Target::Layout { dir, reference } => {
+            crate::inspect::from_layout(&dir, reference.as_deref(), &platform).map_err(bad)?
+        }
+        Target::Registry(reference) => {
+            let opts = with_login(
+                client_options(g, None),
+                &reference.registry,
+                i.username.as_deref(),
+                i.password_stdin,
+                i.registry_endpoint.as_ref(),
+            )?;
+            let client = crate::registry::Client::new(opts).map_err(|e| bad_input(e.into()))?;
+            let rep: SharedReporter = out.clone();
+            crate::inspect::from_registry(&client, &reference, &platform, &rep)
+                .await
+                .map_err(bad)?
+        }
+    };
+    if g.json {
+        out.result("inspect", serde_json::to_value(&view).unwrap_or_default());
+    } else {
+        // The view is the product: stdout; -q prints just the digest, for scripts.
+        let text = if g.quiet {
+            format!("{}\n", view.digest)
+        } else {
+            crate::inspect::render_human(&view)
+        };
+        let mut stdout = std::io::stdout().lock();
+        let _ = stdout.write_all(text.as_bytes());
+        let _ = stdout.flush();
+    }
+    Ok(())
+}
+
+fn parse_platform(s: &str) -> Result<crate::oci::Platform, String> {
+    crate::oci::Platform::parse(s).ok_or_else(|| format!("{s:?}: expected OS/ARCH[/VARIANT]"))
 }
 
 fn parse_jobs(s: &str) -> Result<usize, String> {
@@ -988,19 +1068,6 @@ fn parse_jobs(s: &str) -> Result<usize, String> {
 
 fn short(digest: &str) -> &str {
     digest.get(..19).unwrap_or(digest)
-}
-
-fn human_bytes(n: u64) -> String {
-    let n = n as f64;
-    if n >= 1e9 {
-        format!("{:.2} GB", n / 1e9)
-    } else if n >= 1e6 {
-        format!("{:.1} MB", n / 1e6)
-    } else if n >= 1e3 {
-        format!("{:.1} kB", n / 1e3)
-    } else {
-        format!("{n} B")
-    }
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ pub mod cache;
 pub mod cli;
 pub mod ecr;
 pub mod events;
+pub mod inspect;
 pub mod layer;
 pub mod layout;
 pub mod oci;

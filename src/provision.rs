@@ -50,6 +50,8 @@ pub struct ProvisionRun {
     pub env: BTreeMap<String, String>,
     /// `DOCKER_HOST` to hand to the connection plugin, if not the default.
     pub docker_host: Option<String>,
+    /// Directory with `ca.pem`, `cert.pem` and `key.pem` when the engine is reached over TLS.
+    pub docker_tls_cert_dir: Option<PathBuf>,
 }
 
 impl ProvisionRun {
@@ -62,7 +64,19 @@ impl ProvisionRun {
         vars.insert("ansible_python_interpreter".into(), "auto_silent".into());
         if let Some(h) = &self.docker_host {
             if self.connection.ends_with("docker_api") {
-                vars.insert("ansible_docker_host".into(), h.clone().into());
+                // The plugin's daemon URL; `ansible_docker_host` would be the container name.
+                vars.insert("ansible_docker_docker_host".into(), h.clone().into());
+                // The API plugin takes TLS settings from variables only, not DOCKER_TLS_VERIFY.
+                if let Some(dir) = &self.docker_tls_cert_dir {
+                    vars.insert("ansible_docker_validate_certs".into(), true.into());
+                    for (var, file) in [
+                        ("ansible_docker_ca_cert", "ca.pem"),
+                        ("ansible_docker_client_cert", "cert.pem"),
+                        ("ansible_docker_client_key", "key.pem"),
+                    ] {
+                        vars.insert(var.into(), dir.join(file).display().to_string().into());
+                    }
+                }
             }
         }
         let inv = serde_json::json!({
@@ -90,7 +104,12 @@ impl ProvisionRun {
         let mut env = BTreeMap::new();
         env.insert(
             "ANSIBLE_PIPELINING".to_string(),
-            if self.pipelining { "True" } else { "False" }.to_string(),
+            if self.effective_pipelining() {
+                "True"
+            } else {
+                "False"
+            }
+            .to_string(),
         );
         env.insert("ANSIBLE_HOST_KEY_CHECKING".into(), "False".into());
         env.insert("ANSIBLE_RETRY_FILES_ENABLED".into(), "False".into());
@@ -98,9 +117,72 @@ impl ProvisionRun {
         env.insert("PYTHONUNBUFFERED".into(), "1".into());
         if let Some(h) = &self.docker_host {
             env.insert("DOCKER_HOST".into(), h.clone());
+            // For the CLI-based `community.docker.docker` plugin.
+            if let Some(dir) = &self.docker_tls_cert_dir {
+                env.insert("DOCKER_TLS_VERIFY".into(), "1".into());
+                env.insert("DOCKER_CERT_PATH".into(), dir.display().to_string());
+            }
         }
         env.extend(self.env.clone());
         env
+    }
+}
+
+/// The argument vector for a log line: inline `-e`/`--extra-vars` values (which may hold
+/// secrets) are replaced by `<redacted>`; `@FILE` references are kept.
+pub fn redacted_command_line(argv: &[String]) -> String {
+    let mut out = Vec::with_capacity(argv.len());
+    let mut value_next = false;
+    for a in argv {
+        let shown = if value_next && !a.starts_with('@') {
+            "<redacted>".to_string()
+        } else if let Some(v) = a.strip_prefix("--extra-vars=") {
+            if v.starts_with('@') {
+                a.clone()
+            } else {
+                "--extra-vars=<redacted>".to_string()
+            }
+        } else if a.len() > 2
+            && a.starts_with("-e")
+            && !a.starts_with("-e@")
+            && !a.starts_with("--")
+        {
+            "-e<redacted>".to_string()
+        } else {
+            a.clone()
+        };
+        value_next = a == "-e" || a == "--extra-vars";
+        out.push(if shown.contains(char::is_whitespace) {
+            format!("{shown:?}")
+        } else {
+            shown
+        });
+    }
+    out.join(" ")
+}
+
+impl ProvisionRun {
+    /// Whether pipelining is used: not with the Docker API plugin over TLS, which cannot
+    /// half-close an exec's stdin on a TLS socket, so a pipelined module waits for EOF forever.
+    pub fn effective_pipelining(&self) -> bool {
+        self.pipelining
+            && !(self.docker_tls_cert_dir.is_some()
+                && self.docker_host.is_some()
+                && self.connection.ends_with("docker_api"))
+    }
+
+    /// Inherited variables to drop for ansible-playbook. With a TLS engine: requests lets
+    /// `REQUESTS_CA_BUNDLE`/`CURL_CA_BUNDLE` replace the CA the docker plugins set
+    /// (https://github.com/psf/requests/issues/3829), so the engine's certificate would fail
+    /// to verify; kept when image.yaml's `provision.env` sets them.
+    pub fn removed_environment(&self) -> Vec<&'static str> {
+        if self.docker_host.is_none() || self.docker_tls_cert_dir.is_none() {
+            return Vec::new();
+        }
+        ["REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"]
+            .into_iter()
+            .filter(|k| !self.env.contains_key(*k))
+            .collect()
     }
 }
 
@@ -153,8 +235,30 @@ pub async fn run(p: &ProvisionRun, reporter: &SharedReporter) -> Result<(), Prov
         &extra,
         &serde_json::to_vec(&serde_json::Value::Object(p.extra_vars.clone())).unwrap_or_default(),
     )?;
+    let argv = p.argv(&inventory, &extra);
+    reporter.event(Event::Note {
+        message: format!(
+            "{} {} (env {})",
+            program.display(),
+            redacted_command_line(&argv),
+            p.environment()
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    });
     let mut cmd = Command::new(program);
-    cmd.args(p.argv(&inventory, &extra))
+    if p.pipelining && !p.effective_pipelining() {
+        reporter.event(Event::Note {
+            message: "ansible pipelining off: the Docker API connection cannot pipeline over TLS"
+                .into(),
+        });
+    }
+    for k in p.removed_environment() {
+        cmd.env_remove(k);
+    }
+    cmd.args(&argv)
         .envs(p.environment())
         .env("ANSIBLE_LOCAL_TEMP", dir.path().join("tmp"))
         .stdin(Stdio::null())
@@ -216,6 +320,30 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn command_line_note_hides_inline_extra_vars() {
+        let argv: Vec<String> = [
+            "-i",
+            "/t/inv.yml",
+            "-e",
+            "@/t/x.json",
+            "-e",
+            "pw=s3cret",
+            "--extra-vars=tok=abc",
+            "-epw=x",
+            "--diff",
+            "site.yml",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let line = redacted_command_line(&argv);
+        assert_eq!(
+            line,
+            "-i /t/inv.yml -e @/t/x.json -e <redacted> --extra-vars=<redacted> -e<redacted> --diff site.yml"
+        );
+    }
+
     fn run_spec() -> ProvisionRun {
         let mut extra = serde_json::Map::new();
         extra.insert("db_password".into(), "s3cret".into());
@@ -228,6 +356,7 @@ mod tests {
             args: vec!["--diff".into()],
             env: BTreeMap::from([("ANSIBLE_PIPELINING".to_string(), "False".to_string())]),
             docker_host: None,
+            docker_tls_cert_dir: None,
         }
     }
 
@@ -255,6 +384,37 @@ mod tests {
         let h = &inv["all"]["hosts"]["default"];
         assert_eq!(h["ansible_connection"], DEFAULT_CONNECTION);
         assert_eq!(h["ansible_host"], "wpimg-build-x");
+    }
+
+    #[test]
+    fn remote_engine_goes_to_the_daemon_vars() {
+        let mut r = run_spec();
+        r.env.remove("ANSIBLE_PIPELINING");
+        r.docker_host = Some("tcp://10.0.0.1:2376".into());
+        r.docker_tls_cert_dir = Some(PathBuf::from("/certs"));
+        let inv: serde_json::Value = serde_json::from_str(&r.inventory()).unwrap();
+        let h = &inv["all"]["hosts"]["default"];
+        assert_eq!(h["ansible_host"], "wpimg-build-x");
+        assert!(h.get("ansible_docker_host").is_none(), "{h}");
+        assert_eq!(h["ansible_docker_docker_host"], "tcp://10.0.0.1:2376");
+        assert_eq!(h["ansible_docker_validate_certs"], true);
+        assert_eq!(h["ansible_docker_ca_cert"], "/certs/ca.pem");
+        assert_eq!(h["ansible_docker_client_key"], "/certs/key.pem");
+        let env = r.environment();
+        assert_eq!(env["DOCKER_HOST"], "tcp://10.0.0.1:2376");
+        assert_eq!(env["DOCKER_CERT_PATH"], "/certs");
+        assert_eq!(
+            r.removed_environment(),
+            ["REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"]
+        );
+        r.env
+            .insert("REQUESTS_CA_BUNDLE".into(), "/my/bundle.pem".into());
+        assert_eq!(r.removed_environment(), ["CURL_CA_BUNDLE"]);
+        assert!(run_spec().removed_environment().is_empty());
+        r.pipelining = true;
+        assert_eq!(r.environment()["ANSIBLE_PIPELINING"], "False");
+        r.docker_tls_cert_dir = None;
+        assert_eq!(r.environment()["ANSIBLE_PIPELINING"], "True");
     }
 
     #[test]

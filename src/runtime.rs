@@ -2,7 +2,7 @@
 //! recording fake for unit tests.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -27,13 +27,33 @@ pub const BUILD_LABEL: &str = "io.wpimg.build";
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
     /// No engine answered.
-    #[error("no Docker engine answers at {host}: {source} (start dockerd, e.g. with scripts/setup, or set DOCKER_HOST)")]
+    #[error("no Docker engine answers at {host}{} (start dockerd, e.g. with scripts/setup, or set DOCKER_HOST)", tls_note(.tls))]
     Unreachable {
         /// Where we looked.
         host: String,
+        /// The certificate directory, when TLS was used.
+        tls: Option<PathBuf>,
         /// The cause.
         #[source]
         source: bollard::errors::Error,
+    },
+    /// `DOCKER_HOST` (or the TLS variables) cannot be used.
+    #[error("DOCKER_HOST={host:?}: {reason}")]
+    BadHost {
+        /// The value.
+        host: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A TLS file for the engine is missing or unusable.
+    #[error("Docker engine at {host}: TLS file {}: {reason} (DOCKER_CERT_PATH must hold ca.pem, cert.pem and key.pem, as for the docker CLI)", path.display())]
+    TlsFile {
+        /// The engine.
+        host: String,
+        /// The file at fault.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
     },
     /// An API call failed.
     #[error("Docker engine: {what}: {source}")]
@@ -47,6 +67,13 @@ pub enum RuntimeError {
     /// Local I/O.
     #[error(transparent)]
     Io(#[from] std::io::Error),
+}
+
+fn tls_note(tls: &Option<PathBuf>) -> String {
+    match tls {
+        Some(dir) => format!(" (TLS, certificates from {})", dir.display()),
+        None => String::new(),
+    }
 }
 
 fn api(what: impl Into<String>) -> impl FnOnce(bollard::errors::Error) -> RuntimeError {
@@ -109,34 +136,199 @@ pub trait Engine: Send + Sync {
     async fn containers_with_label(&self, label: &str) -> Result<Vec<String>, RuntimeError>;
 }
 
+/// Where the engine listens when `DOCKER_HOST` is not set.
+pub const DEFAULT_DOCKER_HOST: &str = "unix:///var/run/docker.sock";
+/// How long connecting and the first API answer may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Per-request timeout: `docker save` on Docker 20.10 stages the whole image before the first byte.
+const REQUEST_TIMEOUT_SECS: u64 = 3600;
+
+/// Where and how to reach the engine, read from the environment like the docker CLI does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineEndpoint {
+    /// `unix:///PATH` or `tcp://HOST:PORT` (a missing port defaults to 2375, or 2376 with TLS).
+    pub host: String,
+    /// Directory holding `ca.pem`, `cert.pem` and `key.pem` when TLS is used.
+    pub tls_cert_dir: Option<PathBuf>,
+    /// Whether `DOCKER_HOST` was set (it is then handed on to Ansible).
+    pub from_docker_host: bool,
+}
+
+impl EngineEndpoint {
+    /// From `DOCKER_HOST`, `DOCKER_TLS_VERIFY`, `DOCKER_TLS` and `DOCKER_CERT_PATH` (empty values
+    /// count as unset, as for the docker CLI).
+    pub fn from_env() -> Result<Self, RuntimeError> {
+        Self::from_vars(|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
+    }
+
+    /// Like [`EngineEndpoint::from_env`], reading variables through `var`.
+    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Self, RuntimeError> {
+        let given = var("DOCKER_HOST");
+        let raw = given
+            .clone()
+            .unwrap_or_else(|| DEFAULT_DOCKER_HOST.to_string());
+        let bad = |reason: &str| RuntimeError::BadHost {
+            host: raw.clone(),
+            reason: reason.to_string(),
+        };
+        let verify = var("DOCKER_TLS_VERIFY").is_some();
+        let (scheme, rest) = match raw.split_once("://") {
+            Some((s, r)) => (s.to_ascii_lowercase(), r),
+            None => ("tcp".to_string(), raw.as_str()),
+        };
+        let cert_dir = || {
+            var("DOCKER_CERT_PATH")
+                .map(PathBuf::from)
+                .or_else(|| var("HOME").map(|h| PathBuf::from(h).join(".docker")))
+                .ok_or_else(|| bad("TLS needs DOCKER_CERT_PATH (or HOME for ~/.docker)"))
+        };
+        match scheme.as_str() {
+            "unix" => {
+                if rest.is_empty() {
+                    return Err(bad("no socket path"));
+                }
+                Ok(Self {
+                    host: format!("unix://{rest}"),
+                    tls_cert_dir: None,
+                    from_docker_host: given.is_some(),
+                })
+            }
+            "tcp" | "http" | "https" => {
+                let tls = verify || scheme == "https";
+                if !tls && var("DOCKER_TLS").is_some() {
+                    return Err(bad(
+                        "DOCKER_TLS without DOCKER_TLS_VERIFY (TLS without checking the engine's \
+                         certificate) is not supported: set DOCKER_TLS_VERIFY=1 and DOCKER_CERT_PATH",
+                    ));
+                }
+                let authority = rest.trim_end_matches('/');
+                if authority.is_empty() || authority.contains('/') {
+                    return Err(bad("expected tcp://HOST:PORT"));
+                }
+                let has_port = match authority.rsplit_once(':') {
+                    Some((h, p)) => {
+                        if p.parse::<u16>().is_err() {
+                            return Err(bad("the port is not a number"));
+                        }
+                        !h.is_empty()
+                    }
+                    None => false,
+                };
+                let authority = if has_port {
+                    authority.to_string()
+                } else {
+                    format!("{authority}:{}", if tls { 2376 } else { 2375 })
+                };
+                Ok(Self {
+                    host: format!("tcp://{authority}"),
+                    tls_cert_dir: if tls { Some(cert_dir()?) } else { None },
+                    from_docker_host: given.is_some(),
+                })
+            }
+            other => Err(bad(&format!(
+                "unsupported scheme {other}:// (use unix:///PATH or tcp://HOST:PORT)"
+            ))),
+        }
+    }
+
+    /// The `ca.pem`, `cert.pem` and `key.pem` paths, checked: each exists and parses.
+    fn tls_files(&self, dir: &Path) -> Result<(PathBuf, PathBuf, PathBuf), RuntimeError> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let fault = |path: &Path, reason: String| RuntimeError::TlsFile {
+            host: self.host.clone(),
+            path: path.to_path_buf(),
+            reason,
+        };
+        let (ca, cert, key) = (
+            dir.join("ca.pem"),
+            dir.join("cert.pem"),
+            dir.join("key.pem"),
+        );
+        for p in [&ca, &cert, &key] {
+            if let Err(e) = std::fs::metadata(p) {
+                return Err(fault(p, e.to_string()));
+            }
+        }
+        for p in [&ca, &cert] {
+            let certs = CertificateDer::pem_file_iter(p)
+                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| fault(p, e.to_string()))?;
+            if certs.is_empty() {
+                return Err(fault(p, "holds no PEM certificate".into()));
+            }
+        }
+        let der = PrivateKeyDer::from_pem_file(&key)
+            .map_err(|e| fault(&key, format!("no usable PEM private key: {e}")))?;
+        rustls::crypto::aws_lc_rs::default_provider()
+            .key_provider
+            .load_private_key(der)
+            .map_err(|e| fault(&key, format!("unsupported private key: {e}")))?;
+        Ok((ca, cert, key))
+    }
+}
+
 /// Docker through the Engine API.
 pub struct DockerEngine {
     docker: Docker,
-    host: String,
+    endpoint: EngineEndpoint,
 }
 
 impl DockerEngine {
     /// Connect using `DOCKER_HOST` (unix or tcp; TLS with `DOCKER_TLS_VERIFY`/`DOCKER_CERT_PATH`)
     /// and negotiate the API version.
     pub async fn connect() -> Result<Self, RuntimeError> {
-        let host =
-            std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".into());
+        Self::connect_to(EngineEndpoint::from_env()?).await
+    }
+
+    /// Connect to an endpoint and negotiate the API version.
+    pub async fn connect_to(endpoint: EngineEndpoint) -> Result<Self, RuntimeError> {
         let unreachable = |source| RuntimeError::Unreachable {
-            host: host.clone(),
+            host: endpoint.host.clone(),
+            tls: endpoint.tls_cert_dir.clone(),
             source,
         };
-        // `docker save` on Docker 20.10 stages the whole image before the first byte.
-        let docker = Docker::connect_with_defaults()
-            .map_err(unreachable)?
-            .with_timeout(Duration::from_secs(3600));
-        let docker = docker.negotiate_version().await.map_err(unreachable)?;
-        docker.ping().await.map_err(unreachable)?;
-        Ok(Self { docker, host })
+        let version = bollard::API_DEFAULT_VERSION;
+        let docker = match &endpoint.tls_cert_dir {
+            Some(dir) => {
+                let (ca, cert, key) = endpoint.tls_files(dir)?;
+                // bollard's client-certificate resolver expects a process-wide provider.
+                let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+                Docker::connect_with_ssl(
+                    &endpoint.host,
+                    &key,
+                    &cert,
+                    &ca,
+                    REQUEST_TIMEOUT_SECS,
+                    version,
+                )
+            }
+            None if endpoint.host.starts_with("unix://") => {
+                Docker::connect_with_unix(&endpoint.host, REQUEST_TIMEOUT_SECS, version)
+            }
+            None => Docker::connect_with_http(&endpoint.host, REQUEST_TIMEOUT_SECS, version),
+        }
+        .map_err(unreachable)?;
+        let first_answer = async {
+            let docker = docker.negotiate_version().await?;
+            docker.ping().await?;
+            Ok::<_, bollard::errors::Error>(docker)
+        };
+        let docker = tokio::time::timeout(CONNECT_TIMEOUT, first_answer)
+            .await
+            .map_err(|_| unreachable(bollard::errors::Error::RequestTimeoutError))?
+            .map_err(unreachable)?;
+        Ok(Self { docker, endpoint })
     }
 
     /// Where the engine was reached.
     pub fn host(&self) -> &str {
-        &self.host
+        &self.endpoint.host
+    }
+
+    /// How the engine was reached.
+    pub fn endpoint(&self) -> &EngineEndpoint {
+        &self.endpoint
     }
 }
 
@@ -149,7 +341,7 @@ impl Engine for DockerEngine {
             version: v.version.unwrap_or_default(),
             api_version: self.docker.client_version().to_string(),
             storage_driver: i.driver.unwrap_or_default(),
-            local: self.host.starts_with("unix://"),
+            local: self.endpoint.host.starts_with("unix://"),
         })
     }
 
@@ -516,5 +708,101 @@ impl std::io::Write for ChannelWriter {
 impl Drop for ChannelWriter {
     fn drop(&mut self) {
         let _ = self.send();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ep(vars: &[(&str, &str)]) -> Result<EngineEndpoint, RuntimeError> {
+        EngineEndpoint::from_vars(|k| {
+            vars.iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        })
+    }
+
+    #[test]
+    fn endpoint_like_the_docker_cli() {
+        let e = ep(&[]).unwrap();
+        assert_eq!(e.host, DEFAULT_DOCKER_HOST);
+        assert!(!e.from_docker_host && e.tls_cert_dir.is_none());
+        let e = ep(&[("DOCKER_HOST", "tcp://127.0.0.1:1234")]).unwrap();
+        assert_eq!(e.host, "tcp://127.0.0.1:1234");
+        assert!(e.from_docker_host && e.tls_cert_dir.is_none());
+        assert_eq!(
+            ep(&[("DOCKER_HOST", "tcp://10.0.0.1")]).unwrap().host,
+            "tcp://10.0.0.1:2375"
+        );
+        assert_eq!(
+            ep(&[("DOCKER_HOST", "10.0.0.1:99/")]).unwrap().host,
+            "tcp://10.0.0.1:99"
+        );
+        let e = ep(&[
+            ("DOCKER_HOST", "tcp://docker.example"),
+            ("DOCKER_TLS_VERIFY", "1"),
+            ("DOCKER_CERT_PATH", "/certs"),
+        ])
+        .unwrap();
+        assert_eq!(e.host, "tcp://docker.example:2376");
+        assert_eq!(e.tls_cert_dir, Some(PathBuf::from("/certs")));
+        let e = ep(&[
+            ("DOCKER_HOST", "tcp://h:1"),
+            ("DOCKER_TLS_VERIFY", "1"),
+            ("HOME", "/home/u"),
+        ])
+        .unwrap();
+        assert_eq!(e.tls_cert_dir, Some(PathBuf::from("/home/u/.docker")));
+        // TLS variables do not apply to a unix socket.
+        let e = ep(&[
+            ("DOCKER_HOST", "unix:///x.sock"),
+            ("DOCKER_TLS_VERIFY", "1"),
+        ])
+        .unwrap();
+        assert!(e.tls_cert_dir.is_none());
+    }
+
+    #[test]
+    fn bad_endpoints_name_the_host() {
+        for (vars, want) in [
+            (
+                vec![("DOCKER_HOST", "ssh://u@h")],
+                "unsupported scheme ssh://",
+            ),
+            (vec![("DOCKER_HOST", "tcp://h:port")], "not a number"),
+            (vec![("DOCKER_HOST", "tcp://")], "expected tcp://HOST:PORT"),
+            (
+                vec![("DOCKER_HOST", "tcp://h:1"), ("DOCKER_TLS", "1")],
+                "DOCKER_TLS without DOCKER_TLS_VERIFY",
+            ),
+        ] {
+            let e = ep(&vars).unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+            assert!(e.contains(vars[0].1), "{e}");
+        }
+    }
+
+    #[test]
+    fn missing_tls_files_name_the_file_and_host() {
+        let d = tempfile::tempdir().unwrap();
+        let e = ep(&[
+            ("DOCKER_HOST", "tcp://127.0.0.1:9"),
+            ("DOCKER_TLS_VERIFY", "1"),
+            ("DOCKER_CERT_PATH", d.path().to_str().unwrap()),
+        ])
+        .unwrap();
+        let err = e.tls_files(d.path()).unwrap_err().to_string();
+        assert!(err.contains("tcp://127.0.0.1:9"), "{err}");
+        assert!(
+            err.contains(&d.path().join("ca.pem").display().to_string()),
+            "{err}"
+        );
+        for f in ["ca.pem", "cert.pem"] {
+            std::fs::write(d.path().join(f), "not pem").unwrap();
+        }
+        std::fs::write(d.path().join("key.pem"), "not pem").unwrap();
+        let err = e.tls_files(d.path()).unwrap_err().to_string();
+        assert!(err.contains("ca.pem: holds no PEM certificate"), "{err}");
     }
 }

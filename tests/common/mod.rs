@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod ecr;
+pub mod engine;
 pub mod layer;
 pub mod registry;
 

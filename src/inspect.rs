@@ -1,0 +1,612 @@
+//! What `wpimg inspect` shows: an image's manifest, config, layers and history, read from a
+//! local OCI layout or fetched from a registry (never its layers).
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::events::SharedReporter;
+use crate::layout::{Layout, LayoutError};
+use crate::oci::{Descriptor, Digest, ImageConfig, Manifest, OciError, Platform};
+use crate::reference::{Reference, ReferenceError};
+use crate::registry::{Client, RegistryError};
+
+/// Errors of `inspect`.
+#[derive(Debug, thiserror::Error)]
+pub enum InspectError {
+    /// The reference cannot be parsed.
+    #[error(transparent)]
+    BadReference(#[from] ReferenceError),
+    /// The layout cannot be read.
+    #[error("OCI layout {}", dir.display())]
+    Layout {
+        /// The layout.
+        dir: PathBuf,
+        /// The cause.
+        #[source]
+        source: LayoutError,
+    },
+    /// Neither in the layout nor a registry reference.
+    #[error("{reference}: not in the OCI layout {} (for a registry image use docker://HOST/REPO:TAG or HOST/REPO:TAG)", dir.display())]
+    NotFound {
+        /// The reference as given.
+        reference: String,
+        /// The layout searched.
+        dir: PathBuf,
+    },
+    /// A manifest or config does not parse.
+    #[error("{what} of {reference}")]
+    Document {
+        /// Which document.
+        what: String,
+        /// The image.
+        reference: String,
+        /// The cause.
+        #[source]
+        source: OciError,
+    },
+    /// An index has no entry for the platform.
+    #[error("{reference}: the index {digest} has no image for {platform}")]
+    NoPlatform {
+        /// The image.
+        reference: String,
+        /// The index.
+        digest: Digest,
+        /// The wanted platform.
+        platform: String,
+    },
+    /// An index entry points at something that is not an image manifest.
+    #[error("{reference}: {digest} is not an image manifest")]
+    NotAnImage {
+        /// The image.
+        reference: String,
+        /// The document.
+        digest: Digest,
+    },
+    /// The registry failed.
+    #[error("inspect {reference}")]
+    Registry {
+        /// The image.
+        reference: String,
+        /// The cause.
+        #[source]
+        source: Box<RegistryError>,
+    },
+}
+
+/// Where an image to inspect lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// In a local OCI layout: a `NAME:TAG` ref, or its only image when `None`.
+    Layout {
+        /// The layout directory.
+        dir: PathBuf,
+        /// The ref name.
+        reference: Option<String>,
+    },
+    /// In a registry.
+    Registry(Reference),
+}
+
+/// `NAME` → `NAME:latest` (a `:` in the last path component is a tag).
+pub fn with_default_tag(name: &str) -> String {
+    let last = name.rsplit('/').next().unwrap_or(name);
+    if last.contains(':') || name.contains('@') {
+        name.to_string()
+    } else {
+        format!("{name}:latest")
+    }
+}
+
+/// Decide where `arg` points: `oci:DIR[:REF]` and `docker://REF` say so; otherwise the
+/// default layout if it holds the ref, else a registry when the first component is a
+/// registry host (has a `.` or `:`, or is `localhost`).
+pub fn resolve_target(arg: &str, default_dir: &Path) -> Result<Target, InspectError> {
+    if let Some(rest) = arg.strip_prefix("oci:") {
+        return Ok(match rest.split_once(':') {
+            Some((dir, r)) if !r.is_empty() => Target::Layout {
+                dir: PathBuf::from(dir),
+                reference: Some(r.to_string()),
+            },
+            _ => Target::Layout {
+                dir: PathBuf::from(rest.trim_end_matches(':')),
+                reference: None,
+            },
+        });
+    }
+    if let Some(rest) = arg.strip_prefix("docker://") {
+        return Ok(Target::Registry(Reference::parse(rest)?));
+    }
+    let local = with_default_tag(arg);
+    if let Ok(layout) = Layout::open(default_dir) {
+        if layout.resolve(&local).is_ok() {
+            return Ok(Target::Layout {
+                dir: default_dir.to_path_buf(),
+                reference: Some(local),
+            });
+        }
+    }
+    match arg.split_once('/') {
+        Some((first, _)) if first.contains('.') || first.contains(':') || first == "localhost" => {
+            Ok(Target::Registry(Reference::parse(arg)?))
+        }
+        _ => Err(InspectError::NotFound {
+            reference: arg.to_string(),
+            dir: default_dir.to_path_buf(),
+        }),
+    }
+}
+
+/// One layer of an image.
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerView {
+    /// Digest of the blob.
+    pub digest: Digest,
+    /// Size of the blob in bytes.
+    pub size: u64,
+    /// Media type.
+    pub media_type: String,
+}
+
+/// Everything `inspect` reports about an image.
+#[derive(Debug, Clone, Serialize)]
+pub struct ImageView {
+    /// The reference as resolved (`NAME:TAG`, or `HOST/REPO:TAG`).
+    pub reference: String,
+    /// `layout` or `registry`.
+    pub source: String,
+    /// Where: the layout directory or the registry host.
+    pub location: String,
+    /// Digest of the image manifest.
+    pub digest: Digest,
+    /// Media type of the image manifest.
+    pub media_type: String,
+    /// Digest of the index the manifest was selected from, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub index_digest: Option<Digest>,
+    /// `os/arch[/variant]` of the image.
+    pub platform: String,
+    /// The config blob's descriptor.
+    pub config_descriptor: Descriptor,
+    /// Layers, base first.
+    pub layers: Vec<LayerView>,
+    /// Sum of the layer sizes.
+    pub total_size: u64,
+    /// The config as stored.
+    pub config: serde_json::Value,
+    /// The config's history entries.
+    pub history: Vec<serde_json::Value>,
+    /// The manifest as stored.
+    pub manifest: serde_json::Value,
+}
+
+fn doc(reference: &str, what: &str) -> impl FnOnce(OciError) -> InspectError {
+    let (reference, what) = (reference.to_string(), what.to_string());
+    move |source| InspectError::Document {
+        what,
+        reference,
+        source,
+    }
+}
+
+fn json_doc(
+    bytes: &[u8],
+    reference: &str,
+    what: &'static str,
+) -> Result<serde_json::Value, InspectError> {
+    serde_json::from_slice(bytes).map_err(|source| InspectError::Document {
+        what: what.to_string(),
+        reference: reference.to_string(),
+        source: OciError::Json { what, source },
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn view(
+    reference: String,
+    source: &str,
+    location: String,
+    descriptor: &Descriptor,
+    index_digest: Option<Digest>,
+    raw_manifest: &[u8],
+    raw_config: &[u8],
+) -> Result<ImageView, InspectError> {
+    let manifest = match Manifest::parse(raw_manifest, Some(&descriptor.media_type))
+        .map_err(doc(&reference, "manifest"))?
+    {
+        Manifest::Image(m) => m,
+        Manifest::Index(_) => {
+            return Err(InspectError::NotAnImage {
+                reference,
+                digest: descriptor.digest.clone(),
+            })
+        }
+    };
+    let parsed = ImageConfig::from_slice(raw_config).map_err(doc(&reference, "config"))?;
+    let config = json_doc(raw_config, &reference, "config")?;
+    let history = config
+        .get("history")
+        .and_then(|h| h.as_array())
+        .cloned()
+        .unwrap_or_default();
+    let mut platform = format!("{}/{}", parsed.os, parsed.architecture);
+    if let Some(v) = &parsed.variant {
+        platform = format!("{platform}/{v}");
+    }
+    let layers: Vec<LayerView> = manifest
+        .layers
+        .iter()
+        .map(|l| LayerView {
+            digest: l.digest.clone(),
+            size: l.size,
+            media_type: l.media_type.clone(),
+        })
+        .collect();
+    Ok(ImageView {
+        reference: reference.clone(),
+        source: source.to_string(),
+        location,
+        digest: descriptor.digest.clone(),
+        media_type: manifest
+            .media_type
+            .clone()
+            .unwrap_or_else(|| descriptor.media_type.clone()),
+        index_digest,
+        platform,
+        config_descriptor: manifest.config.clone(),
+        total_size: layers.iter().map(|l| l.size).sum(),
+        layers,
+        config,
+        history,
+        manifest: json_doc(raw_manifest, &reference, "manifest")?,
+    })
+}
+
+/// Inspect an image of a local layout (`reference` `None`: its only image), selecting
+/// `platform` when the ref names an index.
+pub fn from_layout(
+    dir: &Path,
+    reference: Option<&str>,
+    platform: &Platform,
+) -> Result<ImageView, InspectError> {
+    let layout_err = |source| InspectError::Layout {
+        dir: dir.to_path_buf(),
+        source,
+    };
+    let layout = Layout::open(dir).map_err(layout_err)?;
+    let (name, desc) = match reference {
+        Some(r) => {
+            let r = with_default_tag(r);
+            match layout.resolve(&r) {
+                Ok(d) => (r, d),
+                Err(LayoutError::RefNotFound { .. }) => {
+                    return Err(InspectError::NotFound {
+                        reference: r,
+                        dir: dir.to_path_buf(),
+                    })
+                }
+                Err(e) => return Err(layout_err(e)),
+            }
+        }
+        None => {
+            let idx = layout.index().map_err(layout_err)?;
+            match idx.manifests.as_slice() {
+                [one] => (
+                    one.annotations
+                        .get(crate::oci::ANNOTATION_REF_NAME)
+                        .cloned()
+                        .unwrap_or_else(|| one.digest.to_string()),
+                    one.clone(),
+                ),
+                _ => {
+                    return Err(InspectError::NotFound {
+                        reference: format!(
+                            "oci:{} ({} images: name one with oci:DIR:NAME:TAG)",
+                            dir.display(),
+                            idx.manifests.len()
+                        ),
+                        dir: dir.to_path_buf(),
+                    })
+                }
+            }
+        }
+    };
+    let raw = layout.read_blob(&desc.digest).map_err(layout_err)?;
+    let (desc, raw, index_digest) =
+        match Manifest::parse(&raw, Some(&desc.media_type)).map_err(doc(&name, "manifest"))? {
+            Manifest::Image(_) => (desc, raw, None),
+            Manifest::Index(idx) => {
+                let chosen =
+                    idx.select(platform)
+                        .cloned()
+                        .ok_or_else(|| InspectError::NoPlatform {
+                            reference: name.clone(),
+                            digest: desc.digest.clone(),
+                            platform: platform.to_string(),
+                        })?;
+                let raw = layout.read_blob(&chosen.digest).map_err(layout_err)?;
+                (chosen, raw, Some(desc.digest.clone()))
+            }
+        };
+    let config =
+        match Manifest::parse(&raw, Some(&desc.media_type)).map_err(doc(&name, "manifest"))? {
+            Manifest::Image(m) => m.config.digest,
+            Manifest::Index(_) => {
+                return Err(InspectError::NotAnImage {
+                    reference: name,
+                    digest: desc.digest,
+                })
+            }
+        };
+    let raw_config = layout.read_blob(&config).map_err(layout_err)?;
+    view(
+        name,
+        "layout",
+        dir.display().to_string(),
+        &desc,
+        index_digest,
+        &raw,
+        &raw_config,
+    )
+}
+
+/// Inspect an image in a registry: manifest (the `platform` entry of an index) and config,
+/// verified against their digests; layers are listed, not fetched.
+pub async fn from_registry(
+    client: &Client,
+    reference: &Reference,
+    platform: &Platform,
+    reporter: &SharedReporter,
+) -> Result<ImageView, InspectError> {
+    let img = client
+        .fetch_image(reference, platform, reporter)
+        .await
+        .map_err(|source| InspectError::Registry {
+            reference: reference.to_string(),
+            source: Box::new(source),
+        })?;
+    view(
+        reference.to_string(),
+        "registry",
+        reference.registry.clone(),
+        &img.descriptor,
+        img.index.as_ref().map(|i| i.descriptor.digest.clone()),
+        &img.raw_manifest,
+        &img.raw_config,
+    )
+}
+
+/// `1.2 MB`-style sizes (decimal units).
+pub fn human_bytes(n: u64) -> String {
+    let f = n as f64;
+    if f >= 1e9 {
+        format!("{:.2} GB", f / 1e9)
+    } else if f >= 1e6 {
+        format!("{:.1} MB", f / 1e6)
+    } else if f >= 1e3 {
+        format!("{:.1} kB", f / 1e3)
+    } else {
+        format!("{n} B")
+    }
+}
+
+fn short_media_type(mt: &str) -> &str {
+    mt.rsplit(['.', '/']).next().unwrap_or(mt)
+}
+
+fn clip(s: &str, max: usize) -> String {
+    let s = s.split_whitespace().collect::<Vec<_>>().join(" ");
+    if s.chars().count() <= max {
+        s
+    } else {
+        let mut t: String = s.chars().take(max.saturating_sub(1)).collect();
+        t.push('…');
+        t
+    }
+}
+
+fn json_list(v: Option<&serde_json::Value>) -> Option<String> {
+    let a = v?.as_array()?;
+    Some(serde_json::to_string(a).unwrap_or_default())
+}
+
+fn keys(v: Option<&serde_json::Value>) -> Option<String> {
+    let o = v?.as_object()?;
+    (!o.is_empty()).then(|| o.keys().cloned().collect::<Vec<_>>().join(", "))
+}
+
+/// A one-screen human view. Environment variables are shown by name only (values may be
+/// secrets); `--json` has the config as stored.
+pub fn render_human(v: &ImageView) -> String {
+    let mut out = String::new();
+    let mut line = |k: &str, val: &str| out.push_str(&format!("{k:<11} {val}\n"));
+    line(
+        "image",
+        &format!("{} ({} {})", v.reference, v.source, v.location),
+    );
+    line("digest", &v.digest.to_string());
+    line("media type", &v.media_type);
+    if let Some(i) = &v.index_digest {
+        line("index", &i.to_string());
+    }
+    line("platform", &v.platform);
+    if let Some(c) = v.config.get("created").and_then(|c| c.as_str()) {
+        line("created", c);
+    }
+    line(
+        "size",
+        &format!("{} in {} layers", human_bytes(v.total_size), v.layers.len()),
+    );
+    let rc = v.config.get("config");
+    let get = |k: &str| rc.and_then(|c| c.get(k));
+    if let Some(u) = get("User")
+        .and_then(|u| u.as_str())
+        .filter(|u| !u.is_empty())
+    {
+        line("user", u);
+    }
+    if let Some(e) = json_list(get("Entrypoint")) {
+        line("entrypoint", &e);
+    }
+    if let Some(c) = json_list(get("Cmd")) {
+        line("cmd", &c);
+    }
+    if let Some(w) = get("WorkingDir")
+        .and_then(|w| w.as_str())
+        .filter(|w| !w.is_empty())
+    {
+        line("workdir", w);
+    }
+    if let Some(env) = get("Env").and_then(|e| e.as_array()) {
+        let names: Vec<&str> = env
+            .iter()
+            .filter_map(|e| e.as_str())
+            .map(|e| e.split_once('=').map(|(k, _)| k).unwrap_or(e))
+            .collect();
+        line("env keys", &names.join(", "));
+    }
+    if let Some(p) = keys(get("ExposedPorts")) {
+        line("ports", &p);
+    }
+    if let Some(p) = keys(get("Volumes")) {
+        line("volumes", &p);
+    }
+    if let Some(l) = keys(get("Labels")) {
+        line("labels", &clip(&l, 100));
+    }
+    out.push_str("\nLAYERS\n");
+    for (i, l) in v.layers.iter().enumerate() {
+        out.push_str(&format!(
+            "{:>3}  {}  {:>10}  {}\n",
+            i + 1,
+            l.digest.short(),
+            human_bytes(l.size),
+            short_media_type(&l.media_type)
+        ));
+    }
+    if !v.history.is_empty() {
+        out.push_str("\nHISTORY\n");
+        for h in &v.history {
+            let created = h.get("created").and_then(|c| c.as_str()).unwrap_or("-");
+            let by = h
+                .get("created_by")
+                .or_else(|| h.get("comment"))
+                .and_then(|c| c.as_str())
+                .unwrap_or("");
+            let empty = if h.get("empty_layer").and_then(|e| e.as_bool()) == Some(true) {
+                " (no layer)"
+            } else {
+                ""
+            };
+            out.push_str(&format!(
+                "  {:<20}  {}{}\n",
+                created.get(..19).unwrap_or(created),
+                clip(by, 90),
+                empty
+            ));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path();
+        assert_eq!(
+            resolve_target("oci:/x:app:v1", dir).unwrap(),
+            Target::Layout {
+                dir: "/x".into(),
+                reference: Some("app:v1".into())
+            }
+        );
+        assert_eq!(
+            resolve_target("oci:/x", dir).unwrap(),
+            Target::Layout {
+                dir: "/x".into(),
+                reference: None
+            }
+        );
+        let r = resolve_target("docker://127.0.0.1:5000/a/b:t", dir).unwrap();
+        assert_eq!(
+            r,
+            Target::Registry(Reference::parse("127.0.0.1:5000/a/b:t").unwrap())
+        );
+        let r = resolve_target("ghcr.io/o/app", dir).unwrap();
+        assert!(matches!(r, Target::Registry(_)));
+        let e = resolve_target("app:v1", dir).unwrap_err().to_string();
+        assert!(e.contains("app:v1: not in the OCI layout"), "{e}");
+
+        // A ref in the layout wins over the registry reading.
+        let layout = Layout::open_or_create(dir).unwrap();
+        let (dg, n) = layout.write_blob(b"{}").unwrap();
+        let desc = Descriptor::new(crate::oci::MEDIA_TYPE_OCI_MANIFEST, dg, n);
+        layout.tag("localhost/app:latest", &desc).unwrap();
+        assert_eq!(
+            resolve_target("localhost/app", dir).unwrap(),
+            Target::Layout {
+                dir: dir.to_path_buf(),
+                reference: Some("localhost/app:latest".into())
+            }
+        );
+        assert_eq!(
+            with_default_tag("127.0.0.1:5000/app"),
+            "127.0.0.1:5000/app:latest"
+        );
+    }
+
+    #[test]
+    fn human_view_hides_env_values() {
+        let config = serde_json::json!({
+            "architecture": "amd64", "os": "linux", "created": "2024-01-02T03:04:05Z",
+            "config": {"Env": ["PATH=/bin", "DB_PASSWORD=hunter2"], "Cmd": ["/bin/app"],
+                       "User": "1234", "ExposedPorts": {"8080/tcp": {}}},
+            "rootfs": {"type": "layers", "diff_ids": []},
+            "history": [{"created": "2024-01-02T03:04:05Z", "created_by": "wpimg build"}],
+        });
+        let raw_config = serde_json::to_vec(&config).unwrap();
+        let cd = Descriptor::new(
+            crate::oci::MEDIA_TYPE_OCI_CONFIG,
+            Digest::of_bytes(&raw_config),
+            raw_config.len() as u64,
+        );
+        let l = Descriptor::new(
+            crate::oci::MEDIA_TYPE_OCI_LAYER_GZIP,
+            Digest::of_bytes(b"l"),
+            1_500_000,
+        );
+        let manifest = serde_json::json!({
+            "schemaVersion": 2, "mediaType": crate::oci::MEDIA_TYPE_OCI_MANIFEST,
+            "config": cd, "layers": [l],
+        });
+        let raw = serde_json::to_vec(&manifest).unwrap();
+        let md = Descriptor::new(
+            crate::oci::MEDIA_TYPE_OCI_MANIFEST,
+            Digest::of_bytes(&raw),
+            raw.len() as u64,
+        );
+        let v = view(
+            "app:v1".into(),
+            "layout",
+            "/l".into(),
+            &md,
+            None,
+            &raw,
+            &raw_config,
+        )
+        .unwrap();
+        assert_eq!(v.total_size, 1_500_000);
+        let text = render_human(&v);
+        assert!(text.contains("env keys    PATH, DB_PASSWORD"), "{text}");
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(text.contains("1.5 MB"), "{text}");
+        assert!(text.contains("wpimg build"), "{text}");
+        assert!(text.contains("8080/tcp"), "{text}");
+        // JSON keeps the config as stored.
+        assert!(serde_json::to_string(&v).unwrap().contains("hunter2"));
+    }
+}
