@@ -91,6 +91,18 @@ impl SecondEngine {
         std::fs::write(d.join("daemon.json"), "{}").unwrap();
         let port = free_port();
         let log = std::fs::File::create(d.join("dockerd.log")).unwrap();
+        // Its own bridge: with `--bridge none` dockerd deletes the host's docker0 (moby's
+        // removeDefaultBridgeInterface), breaking the main engine.
+        let bridge = format!("wpbr{port}");
+        run(Command::new("ip").args(["link", "add", &bridge, "type", "bridge"]));
+        run(Command::new("ip").args([
+            "addr",
+            "add",
+            &format!("10.231.{}.1/24", port % 250),
+            "dev",
+            &bridge,
+        ]));
+        run(Command::new("ip").args(["link", "set", &bridge, "up"]));
         let mut cmd = Command::new("dockerd");
         cmd.arg("--config-file")
             .arg(d.join("daemon.json"))
@@ -103,7 +115,7 @@ impl SecondEngine {
             .args(["-H", &format!("tcp://127.0.0.1:{port}")])
             .args([
                 "--bridge",
-                "none",
+                &bridge,
                 "--iptables=false",
                 "--ip-masq=false",
                 "--ip-forward=false",
@@ -239,6 +251,9 @@ fn mounts_under(dir: &Path) -> Vec<PathBuf> {
 
 impl Drop for SecondEngine {
     fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &format!("wpbr{}", self.port)])
+            .status();
         let containerd = self.containerd_pid();
         if let Some(mut child) = self.child.take() {
             // SIGTERM: dockerd stops its containers and its managed containerd.
