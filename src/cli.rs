@@ -93,13 +93,22 @@ pub struct InspectCmd {
     /// Platform to pick from an index [default: this machine's].
     #[arg(long, value_name = "OS/ARCH[/VARIANT]", value_parser = parse_platform)]
     pub platform: Option<crate::oci::Platform>,
+    /// Registry login and endpoint.
+    #[command(flatten)]
+    pub login: LoginArgs,
+}
+
+/// Credentials and endpoint for the one registry a command talks to.
+#[derive(Debug, Args, Clone)]
+pub struct LoginArgs {
     /// Registry user name (password read from stdin with --password-stdin).
     #[arg(long, requires = "password_stdin")]
     pub username: Option<String>,
     /// Read the registry password from stdin.
     #[arg(long, requires = "username")]
     pub password_stdin: bool,
-    /// Send the registry's requests to this base URL (mirror or test endpoint).
+    /// Send the registry's requests to this base URL (mirror or test endpoint); the registry
+    /// name in references stays the same.
     #[arg(long, value_name = "URL")]
     pub registry_endpoint: Option<url::Url>,
 }
@@ -174,16 +183,9 @@ pub struct PushArgs {
     /// Use chunked (PATCH) uploads instead of monolithic streaming uploads.
     #[arg(long)]
     pub force_chunked: bool,
-    /// Registry user name (password read from stdin with --password-stdin).
-    #[arg(long, requires = "password_stdin")]
-    pub username: Option<String>,
-    /// Read the registry password from stdin.
-    #[arg(long, requires = "username")]
-    pub password_stdin: bool,
-    /// Send the destination registry's requests to this base URL (mirror or test endpoint);
-    /// the registry name in references stays the same.
-    #[arg(long, value_name = "URL")]
-    pub registry_endpoint: Option<url::Url>,
+    /// Destination registry login and endpoint.
+    #[command(flatten)]
+    pub login: LoginArgs,
     /// Push to Amazon ECR: credentials from the AWS SDK chain, repository from target.ecr.
     #[arg(long)]
     pub ecr: bool,
@@ -449,14 +451,12 @@ fn client_options(g: &GlobalArgs, push: Option<&PushArgs>) -> crate::registry::C
 fn with_login(
     mut opts: crate::registry::ClientOptions,
     registry: &str,
-    username: Option<&str>,
-    password_stdin: bool,
-    endpoint: Option<&url::Url>,
+    login: &LoginArgs,
 ) -> Result<crate::registry::ClientOptions, Failure> {
-    if let Some(url) = endpoint {
+    if let Some(url) = &login.registry_endpoint {
         opts = opts.with_endpoint(registry, url.clone());
     }
-    if let (Some(user), true) = (username, password_stdin) {
+    if let (Some(user), true) = (&login.username, login.password_stdin) {
         let mut password = String::new();
         std::io::stdin()
             .read_line(&mut password)
@@ -799,13 +799,7 @@ fn registry_push_target(
             crate::registry::MIN_CHUNK_SIZE
         )));
     }
-    let opts = with_login(
-        opts,
-        &dest.registry,
-        args.username.as_deref(),
-        args.password_stdin,
-        args.registry_endpoint.as_ref(),
-    )?;
+    let opts = with_login(opts, &dest.registry, &args.login)?;
     let client = crate::registry::Client::new(opts).map_err(|e| bad_input(e.into()))?;
     Ok((Arc::new(client), dest, tags))
 }
@@ -874,7 +868,7 @@ async fn push_ecr(
         region: args.region.clone(),
         profile: args.profile.clone(),
         client,
-        registry_endpoint: args.registry_endpoint.clone(),
+        registry_endpoint: args.login.registry_endpoint.clone(),
         wait_scan: args
             .wait_scan
             .then(|| std::time::Duration::from_secs(args.scan_timeout)),
@@ -1025,13 +1019,7 @@ async fn inspect(g: &GlobalArgs, i: &InspectCmd, out: &Arc<Output>) -> Result<()
             crate::inspect::from_layout(&dir, reference.as_deref(), &platform).map_err(bad)?
         }
         Target::Registry(reference) => {
-            let opts = with_login(
-                client_options(g, None),
-                &reference.registry,
-                i.username.as_deref(),
-                i.password_stdin,
-                i.registry_endpoint.as_ref(),
-            )?;
+            let opts = with_login(client_options(g, None), &reference.registry, &i.login)?;
             let client = crate::registry::Client::new(opts).map_err(|e| bad_input(e.into()))?;
             let rep: SharedReporter = out.clone();
             crate::inspect::from_registry(&client, &reference, &platform, &rep)

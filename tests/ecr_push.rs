@@ -145,19 +145,11 @@ fn put_image_in_moto(env: &Env, repo: &str, tag: &str, manifest: &str, digest: &
         "import boto3,sys\nc=boto3.client('ecr',region_name='{REGION}',endpoint_url='{}',aws_access_key_id='t',aws_secret_access_key='t')\nm=sys.stdin.read()\ntry:\n  c.put_image(repositoryName='{repo}',imageManifest=m,imageTag='{tag}',imageDigest='{digest}')\nexcept c.exceptions.ImageAlreadyExistsException:\n  pass\n",
         env.moto.url
     );
-    let mut child = Command::new(common::ecr::VENV_PYTHON)
-        .args(["-c", &script])
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(manifest.as_bytes())
-        .unwrap();
-    assert!(child.wait().unwrap().success(), "put_image in moto failed");
+    let o = common::run_with_stdin(
+        Command::new(common::ecr::VENV_PYTHON).args(["-c", &script]),
+        manifest.as_bytes(),
+    );
+    assert!(o.status.success(), "put_image in moto failed: {o:?}");
 }
 
 #[test]

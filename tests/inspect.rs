@@ -4,9 +4,8 @@
 
 mod common;
 
-use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 use common::registry::{random_blob, write_image_for, Registry, RegistryOptions, TestImage};
 use common::*;
@@ -249,24 +248,15 @@ fn index_platform_selection() {
 
 fn inspect_with_password(reg: &Registry, args: &[&str], password: &str) -> Output {
     let ca = reg.ca.as_ref().unwrap();
-    let mut child = wpimg()
-        .env("DOCKER_CONFIG", "/nonexistent-wpimg-test")
-        .arg("inspect")
-        .arg("--ca-file")
-        .arg(&ca.ca_pem)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(format!("{password}\n").as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
+    run_with_stdin(
+        wpimg()
+            .env("DOCKER_CONFIG", "/nonexistent-wpimg-test")
+            .arg("inspect")
+            .arg("--ca-file")
+            .arg(&ca.ca_pem)
+            .args(args),
+        format!("{password}\n").as_bytes(),
+    )
 }
 
 #[test]
@@ -281,25 +271,16 @@ fn registry_auth_tls_and_errors() {
     let remote = format!("{}/wpimg/app:v2", reg.host());
     // Push with wpimg itself (same flags).
     let ca = reg.ca.as_ref().unwrap();
-    let mut child = wpimg()
-        .env("DOCKER_CONFIG", "/nonexistent-wpimg-test")
-        .args(["push", "--from"])
-        .arg(format!("oci:{}:app:v2", d.path().display()))
-        .arg("--ca-file")
-        .arg(&ca.ca_pem)
-        .args(["--to", &remote, "--username", "wpimg", "--password-stdin"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"inspect-pass-99\n")
-        .unwrap();
-    let o = child.wait_with_output().unwrap();
+    let o = run_with_stdin(
+        wpimg()
+            .env("DOCKER_CONFIG", "/nonexistent-wpimg-test")
+            .args(["push", "--from"])
+            .arg(format!("oci:{}:app:v2", d.path().display()))
+            .arg("--ca-file")
+            .arg(&ca.ca_pem)
+            .args(["--to", &remote, "--username", "wpimg", "--password-stdin"]),
+        b"inspect-pass-99\n",
+    );
     assert!(o.status.success(), "push: {}", stderr(&o));
 
     let o = inspect_with_password(

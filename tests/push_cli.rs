@@ -2,7 +2,6 @@
 
 mod common;
 
-use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
@@ -109,23 +108,14 @@ fn build_push_then_pull_back_and_push_again() {
 }
 
 fn push_with_password(reg: &Registry, from: &str, password: &str) -> std::process::Output {
-    let mut child = wpimg()
-        .env("DOCKER_CONFIG", "/nonexistent-wpimg-test")
-        .args(["push", "--from", from, "--to"])
-        .arg(format!("{}/wpimg/auth", reg.host()))
-        .args(["--username", "wpimg", "--password-stdin"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(format!("{password}\n").as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
+    run_with_stdin(
+        wpimg()
+            .env("DOCKER_CONFIG", "/nonexistent-wpimg-test")
+            .args(["push", "--from", from, "--to"])
+            .arg(format!("{}/wpimg/auth", reg.host()))
+            .args(["--username", "wpimg", "--password-stdin"]),
+        format!("{password}\n").as_bytes(),
+    )
 }
 
 #[test]

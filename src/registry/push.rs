@@ -490,7 +490,10 @@ impl Client {
         }
         let session = match session {
             Some(s) => s,
-            None => self.start_upload(repo, &scopes, digest, reporter).await?,
+            None => {
+                self.start_upload(repo, &scopes, &format!("blob {digest}"), reporter)
+                    .await?
+            }
         };
         let path = layout.blob_path(digest);
         if self.uses_chunked(&repo.registry) {
@@ -510,7 +513,9 @@ impl Client {
                         ),
                     });
                     self.set_chunked(&repo.registry);
-                    let session = self.start_upload(repo, &scopes, digest, reporter).await?;
+                    let session = self
+                        .start_upload(repo, &scopes, &format!("blob {digest}"), reporter)
+                        .await?;
                     self.upload_chunked(repo, &scopes, session, &path, desc, progress, reporter)
                         .await?;
                 }
@@ -520,14 +525,15 @@ impl Client {
         Ok((BlobOutcome::Uploaded, None))
     }
 
-    async fn start_upload(
+    /// Open an upload session (POST); `what` names the blob in errors.
+    pub(super) async fn start_upload(
         &self,
         repo: &Repo,
         scopes: &[String],
-        digest: &Digest,
+        what: &str,
         reporter: &SharedReporter,
     ) -> Result<Url, RegistryError> {
-        let op = format!("start upload of blob {digest}");
+        let op = format!("start upload of {what}");
         let u = repo.url("blobs/uploads/")?;
         let resp = self
             .send(repo, scopes, &op, true, reporter, |c| {

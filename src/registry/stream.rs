@@ -130,15 +130,9 @@ impl Client {
         reporter: &SharedReporter,
     ) -> Result<(), RegistryError> {
         let scopes = [repo.push_scope()];
-        let op = "start streaming upload";
-        let u = repo.url("blobs/uploads/")?;
-        let resp = self
-            .send(repo, &scopes, op, true, reporter, |c| {
-                Ok(c.post(u.clone()).header(CONTENT_LENGTH, 0))
-            })
+        let mut session = self
+            .start_upload(repo, &scopes, "a streamed layer", reporter)
             .await?;
-        let resp = expect_status(resp, &[202], &repo.name, op).await?;
-        let mut session = repo.resolve_location(op, resp.headers().get(LOCATION))?;
         let mut offset = 0u64;
         let mut pending: Option<Bytes> = None;
         while let Some(part) = rx.recv().await {
