@@ -55,9 +55,11 @@ impl Write for StreamWriter {
 
 impl Drop for StreamWriter {
     fn drop(&mut self) {
-        if self.tx.take().is_some() {
+        if let Some(tx) = self.tx.take() {
+            // The residual must be in place before the channel closes: closing is the signal.
             let rest = Bytes::from(std::mem::take(&mut self.buf));
             *self.residual.lock().unwrap_or_else(|p| p.into_inner()) = Some(rest);
+            drop(tx);
         }
     }
 }
