@@ -2,13 +2,11 @@
 //! docker-registry on loopback (`docker://HOST/REPO:TAG`, `HOST/REPO:TAG`), including an index,
 //! basic auth over TLS with --ca-file, and what the human view must not print.
 
-mod common;
-
 use std::path::Path;
 use std::process::{Command, Output};
 
-use common::registry::{random_blob, write_image_for, Registry, RegistryOptions, TestImage};
-use common::*;
+use crate::common::registry::{random_blob, write_image_for, Registry, RegistryOptions, TestImage};
+use crate::common::*;
 use wpimg::layout::Layout;
 use wpimg::oci::{self, Descriptor};
 

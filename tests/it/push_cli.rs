@@ -1,12 +1,10 @@
 //! `wpimg push` and `wpimg build --push` from the command line against a real docker-registry.
 
-mod common;
-
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use common::registry::{Proxy, ProxyMode, Registry, RegistryOptions};
-use common::*;
+use crate::common::registry::{Proxy, ProxyMode, Registry, RegistryOptions};
+use crate::common::*;
 
 fn json_result(stdout: &[u8]) -> serde_json::Value {
     let s = String::from_utf8_lossy(stdout);

@@ -2,15 +2,13 @@
 //! TLS (DOCKER_TLS_VERIFY + DOCKER_CERT_PATH, like the docker CLI), and a closed port.
 //! Also checks what -v adds and that -q keeps quiet.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::engine::{EngineTls, SecondEngine};
-use common::registry::skopeo_manifest_digest;
-use common::*;
+use crate::common::engine::{EngineTls, SecondEngine};
+use crate::common::registry::skopeo_manifest_digest;
+use crate::common::*;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/changes")
@@ -283,7 +281,7 @@ fn build_over_mutual_tls() {
     // A CA that did not sign the engine's certificate: refused, naming host and directory.
     let other = certs.path().join("other-ca");
     std::fs::create_dir_all(&other).unwrap();
-    let other_ca = common::registry::TestCa::create(&other);
+    let other_ca = crate::common::registry::TestCa::create(&other);
     let wrong = certs.path().join("wrong");
     std::fs::create_dir_all(&wrong).unwrap();
     std::fs::copy(&other_ca.ca_pem, wrong.join("ca.pem")).unwrap();
@@ -316,7 +314,7 @@ fn build_over_mutual_tls() {
 #[test]
 fn closed_port_fails_fast_and_names_the_host() {
     require_fixtures();
-    let port = common::registry::free_port();
+    let port = crate::common::registry::free_port();
     let host = format!("tcp://127.0.0.1:{port}");
     let name = unique("wpimg-test/closed");
     let p = project();

@@ -1,14 +1,12 @@
 //! With the real Docker engine (overlay2): the same container changes give the same layer from
 //! the container's overlayfs upper directory and from `docker commit` + `docker save`.
 
-mod common;
-
 use std::fs;
 use std::io::Read;
 use std::path::Path;
 use std::process::Command;
 
-use common::layer::list_layer;
+use crate::common::layer::list_layer;
 use wpimg::layer::{
     layer_from_dir, layer_from_tar, layer_from_tar_file, Compression, LayerInfo, LayerOptions,
 };

@@ -1,13 +1,11 @@
 //! Registry client against Debian's docker-registry on 127.0.0.1: push/pull round trips checked
 //! with skopeo and docker, HEAD-skips, mounts, basic and token auth, TLS, error parsing.
 
-mod common;
-
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use common::registry::*;
+use crate::common::registry::*;
 use futures_util::future::BoxFuture;
 use wpimg::auth::{AuthError, Credential, CredentialProvider, DockerConfigProvider};
 use wpimg::events::{null, BlobOutcome, SharedReporter};

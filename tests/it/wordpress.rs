@@ -3,15 +3,13 @@
 //! WordPress over HTTP, check health endpoints, SIGTERM shutdown, and that the database password
 //! is in no layer.
 
-mod common;
-
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::registry::Registry;
-use common::*;
+use crate::common::registry::Registry;
+use crate::common::*;
 
 struct Mariadb {
     child: Child,

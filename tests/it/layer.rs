@@ -2,15 +2,13 @@
 //! Docker-style layer tar (in Docker's order and shuffled) must give the same layer.
 //! Needs root (mknod, chown, trusted.* xattrs), like reading a real upper directory does.
 
-mod common;
-
 use std::ffi::CString;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::Path;
 
-use common::layer::list_layer;
+use crate::common::layer::list_layer;
 use wpimg::layer::{
     layer_from_dir, layer_from_tar, layer_from_tar_file, Compression, LayerError, LayerInfo,
     LayerOptions,

@@ -2,14 +2,12 @@
 //! (htpasswd with the `AWS` user and moto's token password) for the data plane, reached through
 //! `--registry-endpoint`.
 
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 
-use common::ecr::{wpimg_push_ecr, write_ecr_image_yaml, Moto, MOTO_ACCOUNT};
-use common::registry::{Registry, RegistryOptions};
-use common::*;
+use crate::common::ecr::{wpimg_push_ecr, write_ecr_image_yaml, Moto, MOTO_ACCOUNT};
+use crate::common::registry::{Registry, RegistryOptions};
+use crate::common::*;
 
 const REGION: &str = "us-east-1";
 
@@ -145,8 +143,8 @@ fn put_image_in_moto(env: &Env, repo: &str, tag: &str, manifest: &str, digest: &
         "import boto3,sys\nc=boto3.client('ecr',region_name='{REGION}',endpoint_url='{}',aws_access_key_id='t',aws_secret_access_key='t')\nm=sys.stdin.read()\ntry:\n  c.put_image(repositoryName='{repo}',imageManifest=m,imageTag='{tag}',imageDigest='{digest}')\nexcept c.exceptions.ImageAlreadyExistsException:\n  pass\n",
         env.moto.url
     );
-    let o = common::run_with_stdin(
-        Command::new(common::ecr::VENV_PYTHON).args(["-c", &script]),
+    let o = crate::common::run_with_stdin(
+        Command::new(crate::common::ecr::VENV_PYTHON).args(["-c", &script]),
         manifest.as_bytes(),
     );
     assert!(o.status.success(), "put_image in moto failed: {o:?}");

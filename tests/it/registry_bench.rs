@@ -1,14 +1,12 @@
 //! Push throughput of wpimg's client against `skopeo copy` for a ~400 MB image of random
 //! layers, each into a fresh docker-registry. Run with
-//! `cargo test --release --test registry_bench -- --ignored --nocapture`.
-
-mod common;
+//! `cargo test --release --test it registry_bench -- --ignored --nocapture`.
 
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Instant;
 
-use common::registry::*;
+use crate::common::registry::*;
 use wpimg::auth::DockerConfigProvider;
 use wpimg::events::null;
 use wpimg::layout::Layout;

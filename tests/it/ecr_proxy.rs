@@ -4,19 +4,17 @@
 //! 201 PATCH answers, stale Range), immutable tags (`TAG_INVALID`) and unknown repositories
 //! (`NAME_UNKNOWN`).
 
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 
-use common::ecr::{
+use crate::common::ecr::{
     child_test, run_child_test, wpimg_push_ecr, write_ecr_image_yaml, Moto, MOTO_ACCOUNT,
 };
-use common::registry::{
+use crate::common::registry::{
     random_image, skopeo_manifest_digest, KnownRepositories, Proxy, ProxyMode, Registry,
     RegistryOptions,
 };
-use common::*;
+use crate::common::*;
 use wpimg::auth::{Credential, Secret};
 use wpimg::events::SharedReporter;
 use wpimg::layout::Layout;
@@ -227,7 +225,7 @@ fn repository_unknown_to_the_registry_fails_with_name_unknown() {
         "import boto3\nc=boto3.client('ecr',region_name='{REGION}',endpoint_url='{}',aws_access_key_id='t',aws_secret_access_key='t')\nprint(c.describe_repositories(repositoryNames=['other'])['repositories'][0]['repositoryName'])\n",
         env.moto.url
     );
-    let name = ok_stdout(Command::new(common::ecr::VENV_PYTHON).args(["-c", &script]));
+    let name = ok_stdout(Command::new(crate::common::ecr::VENV_PYTHON).args(["-c", &script]));
     assert_eq!(name.trim(), "other");
 }
 
@@ -256,7 +254,7 @@ fn base_image_on_an_ecr_host_pulls_with_an_aws_sdk_token_else_docker_config() {
         };
         let c = Client::new(ClientOptions::default().with_credential(&reg.host(), token)).unwrap();
         let dest: Reference = format!("{}/base:1", reg.host()).parse().unwrap();
-        let rep: SharedReporter = common::registry::Recorder::new();
+        let rep: SharedReporter = crate::common::registry::Recorder::new();
         c.push_image(&src, &img.manifest, &dest, &[], &rep)
             .await
             .unwrap();
@@ -276,7 +274,7 @@ fn base_image_on_an_ecr_host_pulls_with_an_aws_sdk_token_else_docker_config() {
     }
     let child = |aws_keys: bool, docker: &Path| {
         let mut cmd = child_test(
-            "base_image_on_an_ecr_host_pulls_with_an_aws_sdk_token_else_docker_config",
+            "ecr_proxy::base_image_on_an_ecr_host_pulls_with_an_aws_sdk_token_else_docker_config",
             home.path(),
         );
         cmd.env("WPIMG_ECR_PULL_CHILD", reg.url())
@@ -321,7 +319,7 @@ fn ecr_pull_child() {
         let client = Client::new(opts).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let layout = Layout::open_or_create(dir.path()).unwrap();
-        let rep: SharedReporter = common::registry::Recorder::new();
+        let rep: SharedReporter = crate::common::registry::Recorder::new();
         let platform = Platform::parse("linux/amd64").unwrap();
         match client.pull_image(&base, &platform, &layout, &rep).await {
             Ok(p) => {

@@ -1,13 +1,11 @@
 //! ECR API tests against moto's server (a real ECR API emulator), one server per test.
 
-mod common;
-
 use std::time::Duration;
 
+use crate::common::ecr::{child_test, run_child_test, Moto, MOTO_ACCOUNT};
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_sdk_ecr::config::Credentials;
 use aws_sdk_ecr::types::ImageIdentifier;
-use common::ecr::{child_test, run_child_test, Moto, MOTO_ACCOUNT};
 use wpimg::ecr::{
     plan_tags, EcrClient, EcrError, EcrRepo, EcrRepoRef, Severity, TagState, TagStatus,
 };
@@ -460,9 +458,12 @@ fn default_chain_from_environment_and_profile() {
     )
     .unwrap();
     let text = run_child_test(
-        child_test("default_chain_from_environment_and_profile", home.path())
-            .env("WPIMG_ECR_CHILD", "1")
-            .env("AWS_ENDPOINT_URL_ECR", &moto.url),
+        child_test(
+            "ecr_api::default_chain_from_environment_and_profile",
+            home.path(),
+        )
+        .env("WPIMG_ECR_CHILD", "1")
+        .env("AWS_ENDPOINT_URL_ECR", &moto.url),
     );
     eprintln!("{text}");
 }

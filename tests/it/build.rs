@@ -1,13 +1,11 @@
 //! `wpimg build` end to end: real Docker engine, real ansible-playbook, the fixture registry.
 
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/changes")
@@ -520,7 +518,7 @@ fn unchanged_rebuild_hits_the_cache_and_changes_miss() {
 fn cache_repo_shares_the_layer_between_checkouts() {
     require_fixtures();
     require("ansible-playbook");
-    let reg = common::registry::Registry::start();
+    let reg = crate::common::registry::Registry::start();
     let cache = format!("{}/wpimg/cache", reg.host());
     let name = unique("wpimg-test/shared");
     let var = format!("name={name}");

@@ -233,7 +233,7 @@ pub fn write_ecr_image_yaml(dir: &Path, repository: &str, ecr_yaml: &str) {
     );
 }
 
-/// A command running only the test `name` of this test binary in a clean environment (`PATH`
+/// A command running only the test `name` (`module::test`) of this test binary in a clean environment (`PATH`
 /// kept, `HOME` set, AWS instance metadata off): for tests whose process-wide environment must
 /// differ (AWS variables). Add the environment, then [`run_child_test`].
 pub fn child_test(name: &str, home: &Path) -> Command {

@@ -2,14 +2,12 @@
 //! ECR-like registry that only takes chunked uploads (201 PATCH answers, stale Range header,
 //! no mounts), reached through an endpoint override.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::registry::*;
+use crate::common::registry::*;
 use url::Url;
 use wpimg::auth::DockerConfigProvider;
 use wpimg::events::{null, BlobOutcome, Event, SharedReporter};
