@@ -398,24 +398,18 @@ fn bad_input(error: anyhow::Error) -> Failure {
 
 /// Map an error chain to an exit code.
 pub fn exit_code_for(e: &anyhow::Error) -> i32 {
-    for cause in e.chain() {
-        if cause.downcast_ref::<crate::spec::SpecError>().is_some() {
-            return EXIT_BAD_INPUT;
-        }
-        if let Some(crate::build::BuildError::Interrupted) = cause.downcast_ref() {
-            return EXIT_INTERRUPTED;
-        }
-        if let Some(crate::build::BuildError::BadReference { .. }) = cause.downcast_ref() {
-            return EXIT_BAD_INPUT;
-        }
-        if let Some(crate::publish::PublishError::Findings { .. }) = cause.downcast_ref() {
-            return EXIT_FINDINGS;
-        }
-        if let Some(crate::ecr::EcrError::InvalidRepository { .. }) = cause.downcast_ref() {
-            return EXIT_BAD_INPUT;
-        }
+    crate::error::kind_of(e).exit_code()
+}
+
+/// A wrong flag or argument.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct InputError(pub String);
+
+impl crate::error::HasKind for InputError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        crate::error::ErrorKind::BadInput
     }
-    EXIT_FAILURE
 }
 
 fn load_spec(path: &Path, g: &GlobalArgs) -> Result<crate::spec::ImageSpec, Failure> {
@@ -595,20 +589,15 @@ async fn dispatch(cli: &Cli, out: &Arc<Output>) -> Result<(), Failure> {
                 (true, false) => Some(registry_push_target(g, &b.push_args, Some(&spec))?),
                 _ => None,
             };
-            let (tee, stream) = match &target {
-                Some((client, dest, _)) if !b.no_stream => {
-                    let (w, s) = client.stream_blob(dest, &rep);
-                    (crate::layer::Tee::new(w), Some(s))
-                }
-                _ => (crate::layer::Tee::default(), None),
+            let stream = match &target {
+                Some((client, dest, _)) if !b.no_stream => Some(client.stream_blob(dest, &rep)),
+                _ => None,
             };
             let opts = crate::build::BuildOptions {
                 oci_dir: oci_dir(g, &b.image_yaml),
                 keep_on_error: b.keep_on_error,
                 load: b.load,
                 layer_path: b.layer_path,
-                client,
-                cancel: cancel_on_signal(),
                 docker_host: engine
                     .endpoint()
                     .from_docker_host
@@ -616,31 +605,19 @@ async fn dispatch(cli: &Cli, out: &Arc<Output>) -> Result<(), Failure> {
                 docker_tls_cert_dir: engine.endpoint().tls_cert_dir.clone(),
                 no_cache: b.no_cache,
                 cache_repo,
-                layer_tee: tee,
             };
-            let built = crate::build::build(&spec, &engine, &opts, &rep).await;
             let oci_dir = opts.oci_dir.clone();
-            drop(opts); // closes the stream's writer if the layer never took it
-            let report = match built {
-                Ok(r) => r,
-                Err(e) => {
-                    if let Some(s) = stream {
-                        s.abort();
-                    }
-                    return Err(anyhow::Error::new(e)
-                        .context(format!("build {}", b.image_yaml.display()))
-                        .into());
-                }
-            };
-            if let Some(s) = stream {
-                match report.layers.iter().rfind(|l| l.new) {
-                    Some(l) if report.cache != "hit" => {
-                        // On failure the task has said why; the push below uploads the blob.
-                        let _ = s.finish(&l.digest, l.size).await;
-                    }
-                    _ => s.abort(),
-                }
+            let engine: Arc<dyn crate::runtime::Engine> = Arc::new(engine);
+            let mut ctx =
+                crate::build::BuildContext::new(&spec, engine, &client, opts, rep.clone())?
+                    .with_cancel(cancel_on_signal());
+            if let Some((w, s)) = stream {
+                ctx = ctx.with_layer_upload(crate::build::LayerUpload::new(w, s));
             }
+            let report = crate::build::build(&ctx)
+                .await
+                .with_context(|| format!("build {}", b.image_yaml.display()))?;
+            drop(ctx);
             summary(out, &report);
             let mut result = serde_json::to_value(&report).unwrap_or_default();
             if b.push {
@@ -668,7 +645,12 @@ async fn dispatch(cli: &Cli, out: &Arc<Output>) -> Result<(), Failure> {
         Command::Push(p) => {
             let (spec, layout, desc) = match &p.from {
                 Some(from) => {
-                    let (dir, reference) = parse_oci_from(from).map_err(bad_input)?;
+                    let crate::reference::LayoutRef { dir, reference } =
+                        crate::reference::LayoutRef::parse(from).ok_or_else(|| {
+                            bad_input(anyhow::anyhow!(
+                                "--from {from:?}: expected oci:DIR:NAME:TAG"
+                            ))
+                        })?;
                     let layout = crate::layout::Layout::open(&dir)
                         .with_context(|| format!("open OCI layout {}", dir.display()))
                         .map_err(bad_input)?;
@@ -718,27 +700,16 @@ async fn dispatch(cli: &Cli, out: &Arc<Output>) -> Result<(), Failure> {
     }
 }
 
-/// `oci:DIR[:REF]` → (DIR, REF).
-fn parse_oci_from(s: &str) -> anyhow::Result<(PathBuf, Option<String>)> {
-    let rest = s
-        .strip_prefix("oci:")
-        .ok_or_else(|| anyhow::anyhow!("--from {s:?}: expected oci:DIR:NAME:TAG"))?;
-    match rest.split_once(':') {
-        Some((dir, r)) if !r.is_empty() => Ok((PathBuf::from(dir), Some(r.to_string()))),
-        _ => Ok((PathBuf::from(rest.trim_end_matches(':')), None)),
-    }
-}
-
 /// The only image of a layout (for `--from oci:DIR`).
 fn single_image(layout: &crate::layout::Layout) -> anyhow::Result<crate::oci::Descriptor> {
-    let idx = layout.index()?;
-    match idx.manifests.as_slice() {
+    let images = layout.images()?;
+    match images.as_slice() {
         [one] => Ok(one.clone()),
         [] => anyhow::bail!("OCI layout {} holds no image", layout.dir().display()),
         _ => anyhow::bail!(
             "OCI layout {} holds {} images: name one with oci:DIR:NAME:TAG",
             layout.dir().display(),
-            idx.manifests.len()
+            images.len()
         ),
     }
 }
@@ -1016,7 +987,9 @@ async fn inspect(g: &GlobalArgs, i: &InspectCmd, out: &Arc<Output>) -> Result<()
         .unwrap_or_else(crate::oci::Platform::host);
     let view = match crate::inspect::resolve_target(&i.reference, &default_dir).map_err(bad)? {
         Target::Layout { dir, reference } => {
-            crate::inspect::from_layout(&dir, reference.as_deref(), &platform).map_err(bad)?
+            crate::inspect::from_layout(&dir, reference.as_deref(), &platform)
+                .await
+                .map_err(bad)?
         }
         Target::Registry(reference) => {
             let opts = with_login(client_options(g, None), &reference.registry, &i.login)?;

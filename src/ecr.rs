@@ -211,6 +211,19 @@ pub enum EcrError {
     },
 }
 
+impl crate::error::HasKind for EcrError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        use crate::error::ErrorKind;
+        match self {
+            EcrError::InvalidRepository { .. }
+            | EcrError::NoRegion { .. }
+            | EcrError::RegionMismatch { .. }
+            | EcrError::LifecyclePolicy(_) => ErrorKind::BadInput,
+            _ => ErrorKind::Failure,
+        }
+    }
+}
+
 /// A boxed error cause.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 

@@ -5,10 +5,11 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use crate::error::{ErrorKind, HasKind};
 use crate::events::SharedReporter;
 use crate::layout::{Layout, LayoutError};
-use crate::oci::{Descriptor, Digest, ImageConfig, Manifest, OciError, Platform};
-use crate::reference::{Reference, ReferenceError};
+use crate::oci::{self, Descriptor, Digest, OciError, Platform, Resolved};
+use crate::reference::{LayoutRef, Reference, ReferenceError};
 use crate::registry::{Client, RegistryError};
 
 /// Errors of `inspect`.
@@ -17,7 +18,7 @@ pub enum InspectError {
     /// The reference cannot be parsed.
     #[error(transparent)]
     BadReference(#[from] ReferenceError),
-    /// The layout cannot be read.
+    /// The layout cannot be read, or the reference does not lead to one image there.
     #[error("OCI layout {}", dir.display())]
     Layout {
         /// The layout.
@@ -34,7 +35,7 @@ pub enum InspectError {
         /// The layout searched.
         dir: PathBuf,
     },
-    /// A manifest or config does not parse.
+    /// The stored manifest or config is not valid JSON.
     #[error("{what} of {reference}")]
     Document {
         /// Which document.
@@ -45,24 +46,6 @@ pub enum InspectError {
         #[source]
         source: OciError,
     },
-    /// An index has no entry for the platform.
-    #[error("{reference}: the index {digest} has no image for {platform}")]
-    NoPlatform {
-        /// The image.
-        reference: String,
-        /// The index.
-        digest: Digest,
-        /// The wanted platform.
-        platform: String,
-    },
-    /// An index entry points at something that is not an image manifest.
-    #[error("{reference}: {digest} is not an image manifest")]
-    NotAnImage {
-        /// The image.
-        reference: String,
-        /// The document.
-        digest: Digest,
-    },
     /// The registry failed.
     #[error("inspect {reference}")]
     Registry {
@@ -72,6 +55,16 @@ pub enum InspectError {
         #[source]
         source: Box<RegistryError>,
     },
+}
+
+impl HasKind for InspectError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            InspectError::BadReference(_) => ErrorKind::BadInput,
+            InspectError::Registry { source, .. } => source.kind(),
+            _ => ErrorKind::Failure,
+        }
+    }
 }
 
 /// Where an image to inspect lives.
@@ -102,16 +95,10 @@ pub fn with_default_tag(name: &str) -> String {
 /// default layout if it holds the ref, else a registry when the first component is a
 /// registry host (has a `.` or `:`, or is `localhost`).
 pub fn resolve_target(arg: &str, default_dir: &Path) -> Result<Target, InspectError> {
-    if let Some(rest) = arg.strip_prefix("oci:") {
-        return Ok(match rest.split_once(':') {
-            Some((dir, r)) if !r.is_empty() => Target::Layout {
-                dir: PathBuf::from(dir),
-                reference: Some(r.to_string()),
-            },
-            _ => Target::Layout {
-                dir: PathBuf::from(rest.trim_end_matches(':')),
-                reference: None,
-            },
+    if let Some(l) = LayoutRef::parse(arg) {
+        return Ok(Target::Layout {
+            dir: l.dir,
+            reference: l.reference,
         });
     }
     if let Some(rest) = arg.strip_prefix("docker://") {
@@ -180,15 +167,6 @@ pub struct ImageView {
     pub manifest: serde_json::Value,
 }
 
-fn doc(reference: &str, what: &str) -> impl FnOnce(OciError) -> InspectError {
-    let (reference, what) = (reference.to_string(), what.to_string());
-    move |source| InspectError::Document {
-        what,
-        reference,
-        source,
-    }
-}
-
 fn json_doc(
     bytes: &[u8],
     reference: &str,
@@ -201,70 +179,60 @@ fn json_doc(
     })
 }
 
-#[allow(clippy::too_many_arguments)]
-fn view(
+/// Where an inspected image was found.
+struct Found {
+    /// The reference as resolved.
     reference: String,
-    source: &str,
+    /// `layout` or `registry`.
+    source: &'static str,
+    /// The layout directory or the registry host.
     location: String,
-    descriptor: &Descriptor,
-    index_digest: Option<Digest>,
-    raw_manifest: &[u8],
-    raw_config: &[u8],
-) -> Result<ImageView, InspectError> {
-    let manifest = match Manifest::parse(raw_manifest, Some(&descriptor.media_type))
-        .map_err(doc(&reference, "manifest"))?
-    {
-        Manifest::Image(m) => m,
-        Manifest::Index(_) => {
-            return Err(InspectError::NotAnImage {
-                reference,
-                digest: descriptor.digest.clone(),
+}
+
+impl Found {
+    fn view(self, resolved: &Resolved) -> Result<ImageView, InspectError> {
+        let image = &resolved.image;
+        let layers: Vec<LayerView> = image
+            .manifest
+            .layers
+            .iter()
+            .map(|l| LayerView {
+                digest: l.digest.clone(),
+                size: l.size,
+                media_type: l.media_type.clone(),
             })
-        }
-    };
-    let parsed = ImageConfig::from_slice(raw_config).map_err(doc(&reference, "config"))?;
-    let config = json_doc(raw_config, &reference, "config")?;
-    let history = config
-        .get("history")
-        .and_then(|h| h.as_array())
-        .cloned()
-        .unwrap_or_default();
-    let mut platform = format!("{}/{}", parsed.os, parsed.architecture);
-    if let Some(v) = &parsed.variant {
-        platform = format!("{platform}/{v}");
-    }
-    let layers: Vec<LayerView> = manifest
-        .layers
-        .iter()
-        .map(|l| LayerView {
-            digest: l.digest.clone(),
-            size: l.size,
-            media_type: l.media_type.clone(),
+            .collect();
+        let config = json_doc(&image.raw_config, &self.reference, "config")?;
+        let history = config
+            .get("history")
+            .and_then(|h| h.as_array())
+            .cloned()
+            .unwrap_or_default();
+        Ok(ImageView {
+            media_type: image
+                .manifest
+                .media_type
+                .clone()
+                .unwrap_or_else(|| image.descriptor.media_type.clone()),
+            manifest: json_doc(&image.raw_manifest, &self.reference, "manifest")?,
+            reference: self.reference,
+            source: self.source.to_string(),
+            location: self.location,
+            digest: image.descriptor.digest.clone(),
+            index_digest: resolved.index.as_ref().map(|i| i.descriptor.digest.clone()),
+            platform: image.platform().to_string(),
+            config_descriptor: image.manifest.config.clone(),
+            total_size: layers.iter().map(|l| l.size).sum(),
+            layers,
+            config,
+            history,
         })
-        .collect();
-    Ok(ImageView {
-        reference: reference.clone(),
-        source: source.to_string(),
-        location,
-        digest: descriptor.digest.clone(),
-        media_type: manifest
-            .media_type
-            .clone()
-            .unwrap_or_else(|| descriptor.media_type.clone()),
-        index_digest,
-        platform,
-        config_descriptor: manifest.config.clone(),
-        total_size: layers.iter().map(|l| l.size).sum(),
-        layers,
-        config,
-        history,
-        manifest: json_doc(raw_manifest, &reference, "manifest")?,
-    })
+    }
 }
 
 /// Inspect an image of a local layout (`reference` `None`: its only image), selecting
 /// `platform` when the ref names an index.
-pub fn from_layout(
+pub async fn from_layout(
     dir: &Path,
     reference: Option<&str>,
     platform: &Platform,
@@ -274,36 +242,33 @@ pub fn from_layout(
         source,
     };
     let layout = Layout::open(dir).map_err(layout_err)?;
-    let (name, desc) = match reference {
+    let (name, top) = match reference {
         Some(r) => {
             let r = with_default_tag(r);
-            match layout.resolve(&r) {
-                Ok(d) => (r, d),
-                Err(LayoutError::RefNotFound { .. }) => {
-                    return Err(InspectError::NotFound {
-                        reference: r,
-                        dir: dir.to_path_buf(),
-                    })
-                }
-                Err(e) => return Err(layout_err(e)),
+            if let Err(LayoutError::RefNotFound { .. }) = layout.resolve(&r) {
+                return Err(InspectError::NotFound {
+                    reference: r,
+                    dir: dir.to_path_buf(),
+                });
             }
+            (r.clone(), r)
         }
         None => {
-            let idx = layout.index().map_err(layout_err)?;
-            match idx.manifests.as_slice() {
+            let images = layout.images().map_err(layout_err)?;
+            match images.as_slice() {
                 [one] => (
                     one.annotations
                         .get(crate::oci::ANNOTATION_REF_NAME)
                         .cloned()
                         .unwrap_or_else(|| one.digest.to_string()),
-                    one.clone(),
+                    one.digest.to_string(),
                 ),
                 _ => {
                     return Err(InspectError::NotFound {
                         reference: format!(
                             "oci:{} ({} images: name one with oci:DIR:NAME:TAG)",
                             dir.display(),
-                            idx.manifests.len()
+                            images.len()
                         ),
                         dir: dir.to_path_buf(),
                     })
@@ -311,43 +276,15 @@ pub fn from_layout(
             }
         }
     };
-    let raw = layout.read_blob(&desc.digest).map_err(layout_err)?;
-    let (desc, raw, index_digest) =
-        match Manifest::parse(&raw, Some(&desc.media_type)).map_err(doc(&name, "manifest"))? {
-            Manifest::Image(_) => (desc, raw, None),
-            Manifest::Index(idx) => {
-                let chosen =
-                    idx.select(platform)
-                        .cloned()
-                        .ok_or_else(|| InspectError::NoPlatform {
-                            reference: name.clone(),
-                            digest: desc.digest.clone(),
-                            platform: platform.to_string(),
-                        })?;
-                let raw = layout.read_blob(&chosen.digest).map_err(layout_err)?;
-                (chosen, raw, Some(desc.digest.clone()))
-            }
-        };
-    let config =
-        match Manifest::parse(&raw, Some(&desc.media_type)).map_err(doc(&name, "manifest"))? {
-            Manifest::Image(m) => m.config.digest,
-            Manifest::Index(_) => {
-                return Err(InspectError::NotAnImage {
-                    reference: name,
-                    digest: desc.digest,
-                })
-            }
-        };
-    let raw_config = layout.read_blob(&config).map_err(layout_err)?;
-    view(
-        name,
-        "layout",
-        dir.display().to_string(),
-        &desc,
-        index_digest,
-        &raw,
-        &raw_config,
-    )
+    let resolved = oci::resolve(&layout, &top, None, platform)
+        .await
+        .map_err(layout_err)?;
+    let found = Found {
+        reference: name,
+        source: "layout",
+        location: dir.display().to_string(),
+    };
+    found.view(&resolved)
 }
 
 /// Inspect an image in a registry: manifest (the `platform` entry of an index) and config,
@@ -358,22 +295,19 @@ pub async fn from_registry(
     platform: &Platform,
     reporter: &SharedReporter,
 ) -> Result<ImageView, InspectError> {
-    let img = client
+    let resolved = client
         .fetch_image(reference, platform, reporter)
         .await
         .map_err(|source| InspectError::Registry {
             reference: reference.to_string(),
             source: Box::new(source),
         })?;
-    view(
-        reference.to_string(),
-        "registry",
-        reference.registry.clone(),
-        &img.descriptor,
-        img.index.as_ref().map(|i| i.descriptor.digest.clone()),
-        &img.raw_manifest,
-        &img.raw_config,
-    )
+    let found = Found {
+        reference: reference.to_string(),
+        source: "registry",
+        location: reference.registry.clone(),
+    };
+    found.view(&resolved)
 }
 
 /// `1.2 MB`-style sizes (decimal units).
@@ -589,16 +523,13 @@ mod tests {
             Digest::of_bytes(&raw),
             raw.len() as u64,
         );
-        let v = view(
-            "app:v1".into(),
-            "layout",
-            "/l".into(),
-            &md,
-            None,
-            &raw,
-            &raw_config,
-        )
-        .unwrap();
+        let image = crate::oci::Image::from_raw(md, raw, raw_config).unwrap();
+        let found = Found {
+            reference: "app:v1".into(),
+            source: "layout",
+            location: "/l".into(),
+        };
+        let v = found.view(&Resolved { index: None, image }).unwrap();
         assert_eq!(v.total_size, 1_500_000);
         let text = render_human(&v);
         assert!(text.contains("env keys    PATH, DB_PASSWORD"), "{text}");

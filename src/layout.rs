@@ -1,4 +1,5 @@
-//! The local OCI image layout: content-addressed blobs, `index.json` with tagged refs.
+//! The local OCI image layout: content-addressed blobs, `index.json` with tagged refs and
+//! untagged attachments (manifests found by their `subject`); an [`ImageSource`].
 //!
 //! Blobs are written to a temp file inside the layout, verified, then renamed into place, so a
 //! blob path only ever holds complete, verified content.
@@ -10,8 +11,8 @@ use std::path::{Path, PathBuf};
 use fs_err as fs;
 
 use crate::oci::{
-    Descriptor, Digest, HashingWriter, ImageIndex, OciError, ANNOTATION_REF_NAME,
-    MEDIA_TYPE_OCI_INDEX,
+    Descriptor, Digest, Document, HashingWriter, Image, ImageIndex, ImageSource, Index, Manifest,
+    OciError, ResolveError, ANNOTATION_REF_NAME, MEDIA_TYPE_OCI_INDEX,
 };
 
 /// Errors of the layout store.
@@ -63,6 +64,21 @@ pub enum LayoutError {
         #[source]
         source: OciError,
     },
+    /// A reference does not lead to one image.
+    #[error(transparent)]
+    Resolve(Box<ResolveError>),
+}
+
+impl From<ResolveError> for LayoutError {
+    fn from(e: ResolveError) -> Self {
+        LayoutError::Resolve(Box::new(e))
+    }
+}
+
+impl crate::error::HasKind for LayoutError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        crate::error::ErrorKind::Failure
+    }
 }
 
 /// A local OCI image layout directory.
@@ -167,6 +183,58 @@ impl Layout {
         Ok((d, bytes.len() as u64))
     }
 
+    /// Store an image's config and manifest (its layers must be stored already).
+    pub fn write_image(&self, image: &Image) -> Result<(), LayoutError> {
+        self.write_blob(&image.raw_config)?;
+        self.write_blob(&image.raw_manifest)?;
+        Ok(())
+    }
+
+    /// Store an index (its manifests must be stored already).
+    pub fn write_index(&self, index: &Index) -> Result<(), LayoutError> {
+        self.write_blob(&index.raw)?;
+        Ok(())
+    }
+
+    /// The image manifest `desc` names, with its config, verified against their digests.
+    pub fn image(&self, desc: &Descriptor) -> Result<Image, LayoutError> {
+        let raw_manifest = self.read_verified(desc)?;
+        let config = match Manifest::parse(&raw_manifest, Some(&desc.media_type))
+            .map_err(|source| self.json_err(&desc.digest, source))?
+        {
+            Manifest::Image(m) => m.config,
+            Manifest::Index(_) => {
+                return Err(self.json_err(
+                    &desc.digest,
+                    OciError::NotAnImage(desc.digest.clone()),
+                ))
+            }
+        };
+        let raw_config = self.read_verified(&config)?;
+        Image::from_raw(desc.clone(), raw_manifest, raw_config)
+            .map_err(|source| self.json_err(&config.digest, source))
+    }
+
+    /// Read a blob and check it against its descriptor's digest.
+    fn read_verified(&self, desc: &Descriptor) -> Result<Vec<u8>, LayoutError> {
+        let raw = self.read_blob(&desc.digest)?;
+        let actual = Digest::of_bytes(&raw);
+        if actual != desc.digest {
+            return Err(LayoutError::DigestMismatch {
+                expected: desc.digest.clone(),
+                actual,
+            });
+        }
+        Ok(raw)
+    }
+
+    fn json_err(&self, digest: &Digest, source: OciError) -> LayoutError {
+        LayoutError::Json {
+            path: self.blob_path(digest),
+            source,
+        }
+    }
+
     /// Read `index.json`.
     pub fn index(&self) -> Result<ImageIndex, LayoutError> {
         let path = self.dir.join("index.json");
@@ -195,16 +263,60 @@ impl Layout {
 
     /// Tag a descriptor as `reference`, replacing an earlier entry with the same ref.
     pub fn tag(&self, reference: &str, desc: &Descriptor) -> Result<(), LayoutError> {
+        self.update_index(|idx| {
+            idx.manifests.retain(|d| {
+                d.annotations.get(ANNOTATION_REF_NAME).map(String::as_str) != Some(reference)
+            });
+            let mut d = desc.clone();
+            d.annotations
+                .insert(ANNOTATION_REF_NAME.to_string(), reference.to_string());
+            idx.manifests.push(d);
+        })
+    }
+
+    /// Keep a manifest that has no tag (an attachment such as an SBOM) in `index.json`, so it
+    /// is listed by [`Layout::referrers`] of its subject.
+    pub fn add_untagged(&self, desc: &Descriptor) -> Result<(), LayoutError> {
+        self.update_index(|idx| {
+            if !idx.manifests.iter().any(|d| d.digest == desc.digest) {
+                idx.manifests.push(desc.clone());
+            }
+        })
+    }
+
+    /// The manifests in `index.json` whose `subject` is `subject` (attachments of it).
+    pub fn referrers(&self, subject: &Digest) -> Result<Vec<Descriptor>, LayoutError> {
+        let mut out = Vec::new();
+        for d in self.index()?.manifests {
+            if d.annotations.contains_key(ANNOTATION_REF_NAME) && d.artifact_type.is_none() {
+                continue;
+            }
+            let raw = self.read_verified(&d)?;
+            let attached = match Manifest::parse(&raw, Some(&d.media_type)) {
+                Ok(Manifest::Image(m)) => m.subject.is_some_and(|s| &s.digest == subject),
+                Ok(Manifest::Index(i)) => i.subject.is_some_and(|s| &s.digest == subject),
+                Err(source) => return Err(self.json_err(&d.digest, source)),
+            };
+            if attached {
+                out.push(d);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The entries of `index.json` that are images or indexes, not attachments.
+    pub fn images(&self) -> Result<Vec<Descriptor>, LayoutError> {
+        let mut idx = self.index()?;
+        idx.manifests.retain(|d| d.artifact_type.is_none());
+        Ok(idx.manifests)
+    }
+
+    /// Change `index.json` under the layout's lock.
+    fn update_index(&self, change: impl FnOnce(&mut ImageIndex)) -> Result<(), LayoutError> {
         let _lock = self.lock()?;
         let mut idx = self.index()?;
         idx.media_type = Some(MEDIA_TYPE_OCI_INDEX.into());
-        idx.manifests.retain(|d| {
-            d.annotations.get(ANNOTATION_REF_NAME).map(String::as_str) != Some(reference)
-        });
-        let mut d = desc.clone();
-        d.annotations
-            .insert(ANNOTATION_REF_NAME.to_string(), reference.to_string());
-        idx.manifests.push(d);
+        change(&mut idx);
         write_atomic(
             &self.dir.join("index.json"),
             &serde_json::to_vec_pretty(&idx).unwrap_or_default(),
@@ -221,29 +333,67 @@ impl Layout {
         Ok(())
     }
 
-    fn lock(&self) -> Result<IndexLock, LayoutError> {
-        let path = self.dir.join("index.json.lock");
+    fn lock(&self) -> Result<FileLock, LayoutError> {
+        Ok(FileLock::exclusive(&self.dir.join("index.json.lock"))?)
+    }
+}
+
+/// An exclusive lock on a file (created if missing), held until dropped.
+pub struct FileLock {
+    _file: File,
+}
+
+impl FileLock {
+    /// Wait for the exclusive lock on `path`.
+    pub fn exclusive(path: &Path) -> io::Result<Self> {
         let f = fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
-            .open(&path)?;
+            .open(path)?;
         let (f, _) = f.into_parts();
-        // SAFETY: flock on a valid fd we own.
-        let rc = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_EX) };
-        if rc != 0 {
-            return Err(io::Error::new(
-                io::Error::last_os_error().kind(),
-                format!("lock {}: {}", path.display(), io::Error::last_os_error()),
-            )
-            .into());
-        }
-        Ok(IndexLock { _f: f })
+        f.lock()
+            .map_err(|e| io::Error::new(e.kind(), format!("lock {}: {e}", path.display())))?;
+        Ok(Self { _file: f })
     }
 }
 
-struct IndexLock {
-    _f: File,
+#[async_trait::async_trait]
+impl ImageSource for Layout {
+    type Error = LayoutError;
+
+    async fn document(
+        &self,
+        reference: &str,
+        expected: Option<&Digest>,
+    ) -> Result<Document, LayoutError> {
+        let desc = match reference.parse::<Digest>() {
+            Ok(d) => self
+                .index()?
+                .manifests
+                .into_iter()
+                .find(|m| m.digest == d)
+                .unwrap_or_else(|| Descriptor::new("", d, 0)),
+            Err(_) => self.resolve(reference)?,
+        };
+        if let Some(e) = expected.filter(|e| **e != desc.digest) {
+            return Err(LayoutError::DigestMismatch {
+                expected: e.clone(),
+                actual: desc.digest,
+            });
+        }
+        let raw = self.read_verified(&desc)?;
+        let hint = Some(desc.media_type.as_str()).filter(|m| !m.is_empty());
+        Document::from_raw(raw, hint).map_err(|source| self.json_err(&desc.digest, source))
+    }
+
+    async fn small_blob(&self, descriptor: &Descriptor) -> Result<Vec<u8>, LayoutError> {
+        self.read_verified(descriptor)
+    }
+
+    fn name(&self, reference: &str) -> String {
+        format!("{}:{reference}", self.dir.display())
+    }
 }
 
 /// A blob being written: hashed as it is written, renamed into place on commit, deleted on drop.
@@ -350,6 +500,55 @@ mod tests {
             l.resolve("nope"),
             Err(LayoutError::RefNotFound { .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn images_attachments_and_the_walk() {
+        use crate::oci::{Platform, MEDIA_TYPE_OCI_LAYER_GZIP};
+        let dir = tempfile::tempdir().unwrap();
+        let l = Layout::open_or_create(dir.path()).unwrap();
+        let amd = Platform::parse("linux/amd64").unwrap();
+        let (ld, ls) = l.write_blob(b"layer").unwrap();
+        let img = Image::scratch(&amd)
+            .append(
+                &[crate::oci::Addendum {
+                    layer: Descriptor::new(MEDIA_TYPE_OCI_LAYER_GZIP, ld, ls),
+                    diff_id: Digest::of_bytes(b"tar"),
+                    history: None,
+                }],
+                0,
+                |_| {},
+            )
+            .unwrap();
+        l.write_image(&img).unwrap();
+        let idx = Index::new(vec![img.descriptor.clone()]);
+        l.write_index(&idx).unwrap();
+        l.tag("app:1", &idx.descriptor).unwrap();
+        let (sd, ss) = l.write_blob(b"sbom").unwrap();
+        let sbom = Image::artifact(
+            "application/spdx+json",
+            vec![Descriptor::new("application/spdx+json", sd, ss)],
+            Some(img.descriptor.clone()),
+            Default::default(),
+        );
+        l.write_blob(crate::oci::EMPTY_JSON).unwrap();
+        l.write_image(&sbom).unwrap();
+        l.add_untagged(&sbom.descriptor).unwrap();
+        l.add_untagged(&sbom.descriptor).unwrap();
+
+        assert_eq!(l.images().unwrap().len(), 1, "attachments are not images");
+        let found = l.referrers(img.digest()).unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].digest, *sbom.digest());
+        assert!(l.referrers(sbom.digest()).unwrap().is_empty());
+        let r = crate::oci::resolve(&l, "app:1", None, &amd).await.unwrap();
+        assert_eq!(r.index.unwrap().descriptor.digest, idx.descriptor.digest);
+        assert_eq!(r.image.manifest, img.manifest);
+        assert_eq!(l.image(&img.descriptor).unwrap().config, img.config);
+        let e = crate::oci::resolve(&l, "app:1", None, &Platform::parse("linux/arm64").unwrap())
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("available: linux/amd64"), "{e}");
     }
 
     #[test]

@@ -4,9 +4,9 @@
 
 pub mod auth;
 pub mod build;
-pub mod cache;
 pub mod cli;
 pub mod ecr;
+pub mod error;
 pub mod events;
 pub mod inspect;
 pub mod layer;

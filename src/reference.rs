@@ -23,6 +23,39 @@ pub struct ReferenceError {
     pub reason: String,
 }
 
+impl crate::error::HasKind for ReferenceError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        crate::error::ErrorKind::BadInput
+    }
+}
+
+/// An image of an OCI layout directory: `oci:DIR[:REF]` (`REF` is a `NAME:TAG` ref of its
+/// `index.json`; without it, the layout's only image).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayoutRef {
+    /// The layout directory.
+    pub dir: std::path::PathBuf,
+    /// The ref, if given.
+    pub reference: Option<String>,
+}
+
+impl LayoutRef {
+    /// Parse `oci:DIR[:REF]`; `None` when `s` does not start with `oci:`.
+    pub fn parse(s: &str) -> Option<Self> {
+        let rest = s.strip_prefix("oci:")?;
+        Some(match rest.split_once(':') {
+            Some((dir, r)) if !r.is_empty() => Self {
+                dir: dir.into(),
+                reference: Some(r.to_string()),
+            },
+            _ => Self {
+                dir: rest.trim_end_matches(':').into(),
+                reference: None,
+            },
+        })
+    }
+}
+
 /// A parsed image reference.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Reference {
@@ -197,6 +230,14 @@ impl fmt::Display for Reference {
     }
 }
 
+/// A URL as it may be shown: without user name or password.
+pub fn url_without_credentials(url: &url::Url) -> String {
+    let mut u = url.clone();
+    let _ = u.set_username("");
+    let _ = u.set_password(None);
+    u.to_string()
+}
+
 /// API host for a registry name (`docker.io` → `registry-1.docker.io`).
 pub fn api_host(registry: &str) -> &str {
     if registry == DOCKER_HUB {
@@ -348,6 +389,27 @@ mod tests {
             let e = bad.parse::<Reference>().unwrap_err();
             assert!(e.to_string().contains(&format!("{bad:?}")), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn urls_are_shown_without_credentials() {
+        let u = url::Url::parse("https://user:s3cret@mirror.example:5000/v2/").unwrap();
+        let shown = url_without_credentials(&u);
+        assert_eq!(shown, "https://mirror.example:5000/v2/");
+        assert!(!shown.contains("s3cret"));
+    }
+
+    #[test]
+    fn layout_refs() {
+        let l = LayoutRef::parse("oci:/x:app:v1").unwrap();
+        assert_eq!(l.dir, std::path::PathBuf::from("/x"));
+        assert_eq!(l.reference.as_deref(), Some("app:v1"));
+        assert_eq!(LayoutRef::parse("oci:/x:").unwrap().reference, None);
+        assert_eq!(
+            LayoutRef::parse("oci:d").unwrap().dir,
+            std::path::PathBuf::from("d")
+        );
+        assert!(LayoutRef::parse("docker://x").is_none());
     }
 
     #[test]

@@ -69,6 +69,12 @@ pub enum RuntimeError {
     Io(#[from] std::io::Error),
 }
 
+impl crate::error::HasKind for RuntimeError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        crate::error::ErrorKind::Failure
+    }
+}
+
 fn tls_note(tls: &Option<PathBuf>) -> String {
     match tls {
         Some(dir) => format!(" (TLS, certificates from {})", dir.display()),
@@ -599,54 +605,6 @@ impl Engine for FakeEngine {
         self.record(format!("containers_with_label {label}"));
         Ok(vec![])
     }
-}
-
-/// Write a docker-archive (the `docker load` format) of an image in the layout: config,
-/// layer blobs as they are (Docker decompresses them on load), `manifest.json` last.
-pub fn write_docker_archive(
-    layout: &crate::layout::Layout,
-    config: &crate::oci::Digest,
-    layers: &[crate::oci::Digest],
-    repo_tags: &[String],
-    out: impl std::io::Write,
-) -> std::io::Result<()> {
-    let mut b = tar::Builder::new(out);
-    let add =
-        |b: &mut tar::Builder<_>, name: &str, d: &crate::oci::Digest| -> std::io::Result<()> {
-            let f = layout
-                .open_blob(d)
-                .map_err(|e| std::io::Error::other(e.to_string()))?;
-            let len = f.metadata()?.len();
-            let mut h = tar::Header::new_ustar();
-            h.set_size(len);
-            h.set_mode(0o644);
-            h.set_mtime(0);
-            h.set_entry_type(tar::EntryType::Regular);
-            b.append_data(&mut h, name, f)
-        };
-    let cfg_name = format!("{}.json", config.hex());
-    add(&mut b, &cfg_name, config)?;
-    let mut names = Vec::new();
-    for d in layers {
-        let n = format!("{}/layer.tar", d.hex());
-        if !names.contains(&n) {
-            add(&mut b, &n, d)?;
-        }
-        names.push(n);
-    }
-    let manifest = serde_json::json!([{
-        "Config": cfg_name,
-        "RepoTags": repo_tags,
-        "Layers": names,
-    }]);
-    let bytes = serde_json::to_vec(&manifest).map_err(std::io::Error::other)?;
-    let mut h = tar::Header::new_ustar();
-    h.set_size(bytes.len() as u64);
-    h.set_mode(0o644);
-    h.set_mtime(0);
-    h.set_entry_type(tar::EntryType::Regular);
-    b.append_data(&mut h, "manifest.json", bytes.as_slice())?;
-    b.into_inner()?.flush()
 }
 
 /// A `Write` that sends chunks into a channel, turning blocking writers into a [`ByteStream`].

@@ -60,6 +60,12 @@ pub enum SpecError {
     },
 }
 
+impl crate::error::HasKind for SpecError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        crate::error::ErrorKind::BadInput
+    }
+}
+
 impl SpecError {
     /// The problems (empty for a read error).
     pub fn problems(&self) -> &[Problem] {

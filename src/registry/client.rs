@@ -76,7 +76,7 @@ impl RetryPolicy {
             .saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
         let base = exp.min(self.max_backoff);
         // Up to 25% jitter so concurrent transfers do not retry in lockstep.
-        let jitter = base.mul_f64(rand::random::<f64>() * 0.25);
+        let jitter = base.mul_f64(fastrand::f64() * 0.25);
         base + jitter
     }
 }

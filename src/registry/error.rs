@@ -165,6 +165,28 @@ pub enum RegistryError {
         /// Platforms the index offers.
         available: Vec<String>,
     },
+    /// Putting the manifest under a tag failed (the registry's answer, with the tag as data).
+    #[error("{source}")]
+    Tagging {
+        /// The tag.
+        tag: String,
+        /// The registry's answer (shown as this error's message).
+        source: Box<RegistryError>,
+    },
+}
+
+impl crate::error::HasKind for RegistryError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        use crate::error::ErrorKind;
+        match self {
+            Self::Reference(_)
+            | Self::InsecureRefused { .. }
+            | Self::BadEndpoint { .. }
+            | Self::CaFile { .. } => ErrorKind::BadInput,
+            Self::Tagging { source, .. } => source.kind(),
+            _ => ErrorKind::Failure,
+        }
+    }
 }
 
 /// The innermost cause of an error (reqwest's own message is only "error sending request").
@@ -195,10 +217,26 @@ impl fmt::Display for ApiErrors<'_> {
 }
 
 impl RegistryError {
+    /// The error for a failed request putting a manifest under `tag`.
+    pub(crate) fn for_tag(self, tag: &str) -> Self {
+        Self::Tagging {
+            tag: tag.to_string(),
+            source: Box::new(self),
+        }
+    }
+
+    /// The error itself, or for [`RegistryError::Tagging`] the registry's answer.
+    fn answer(&self) -> &Self {
+        match self {
+            Self::Tagging { source, .. } => source.answer(),
+            other => other,
+        }
+    }
+
     /// Whether retrying may help: connection failures, 5xx, 408 and 429. Never auth (401/403),
     /// not-found or manifest errors.
     pub fn is_temporary(&self) -> bool {
-        match self {
+        match self.answer() {
             Self::Api { status, errors, .. } => {
                 *status >= 500
                     || *status == 429
@@ -220,7 +258,7 @@ impl RegistryError {
 
     /// The first registry error code (`NAME_UNKNOWN`, `DENIED`, `TAG_INVALID`, ...), if any.
     pub fn code(&self) -> Option<&str> {
-        match self {
+        match self.answer() {
             Self::Api { errors, .. } => errors.first().map(|e| e.code.as_str()),
             _ => None,
         }
@@ -228,12 +266,12 @@ impl RegistryError {
 
     /// Whether any registry error code equals `code`.
     pub fn has_code(&self, code: &str) -> bool {
-        matches!(self, Self::Api { errors, .. } if errors.iter().any(|e| e.code == code))
+        matches!(self.answer(), Self::Api { errors, .. } if errors.iter().any(|e| e.code == code))
     }
 
     /// The registry's error entries of an [`RegistryError::Api`] error (empty otherwise).
     pub fn api_errors(&self) -> &[ApiError] {
-        match self {
+        match self.answer() {
             Self::Api { errors, .. } => errors,
             _ => &[],
         }
@@ -242,19 +280,14 @@ impl RegistryError {
     /// The tag a failed tagging request (manifest PUT under a tag) was for.
     pub fn tag(&self) -> Option<&str> {
         match self {
-            Self::Api { operation, .. }
-            | Self::Transport { operation, .. }
-            | Self::Protocol { operation, .. } => operation
-                .strip_prefix("tag ")?
-                .split_once(" as ")
-                .map(|(_, tag)| tag),
+            Self::Tagging { tag, .. } => Some(tag),
             _ => None,
         }
     }
 
     /// The HTTP status of an [`RegistryError::Api`] error.
     pub fn status(&self) -> Option<u16> {
-        match self {
+        match self.answer() {
             Self::Api { status, .. } => Some(*status),
             _ => None,
         }
@@ -262,15 +295,14 @@ impl RegistryError {
 
     /// The registry's `Retry-After`, if it sent one.
     pub fn retry_after(&self) -> Option<Duration> {
-        match self {
+        match self.answer() {
             Self::Api { retry_after, .. } => *retry_after,
             _ => None,
         }
     }
 }
 
-/// The operation text of putting the manifest `digest` under `tag` (read back by
-/// [`RegistryError::tag`]).
+/// The operation text of putting the manifest `digest` under `tag`.
 pub(crate) fn tag_operation(digest: &Digest, tag: &str) -> String {
     format!("tag {digest} as {tag}")
 }
@@ -390,8 +422,12 @@ mod tests {
             errors: parse_error_body(400, br#"{"errors":[{"code":"TAG_INVALID"}]}"#),
             retry_after: None,
         };
+        let shown = e.to_string();
+        let e = e.for_tag("v1.2");
         assert_eq!(e.tag(), Some("v1.2"));
         assert!(e.has_code("TAG_INVALID"));
+        assert_eq!(e.to_string(), shown, "the message stays the registry's");
+        assert_eq!(e.status(), Some(400));
     }
 
     #[test]

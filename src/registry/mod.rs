@@ -9,6 +9,7 @@ mod client;
 mod error;
 mod pull;
 mod push;
+mod source;
 mod sources;
 mod stream;
 
@@ -16,7 +17,7 @@ pub use client::{
     Client, ClientOptions, RetryPolicy, DEFAULT_JOBS, MANIFEST_ACCEPT, MIN_CHUNK_SIZE,
 };
 pub use error::{ApiError, RegistryError};
-pub use pull::{PulledImage, RemoteImage, RemoteManifest};
+pub use pull::PulledImage;
 pub use push::{BlobReport, PushReport};
 pub use sources::{BlobSources, SOURCES_FILE};
 pub use stream::{BlobStream, StreamWriter};

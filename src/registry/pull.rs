@@ -9,45 +9,15 @@ use http::header::{ACCEPT, CONTENT_TYPE};
 use super::client::{expect_status, Client, Repo, MANIFEST_ACCEPT};
 use super::error::RegistryError;
 use super::push::{check_digest_header, BlobReport, Progress};
+use super::source::RemoteSource;
 use super::sources::BlobSources;
 use crate::events::{BlobOutcome, Event, SharedReporter};
 use crate::layout::{Layout, LayoutError};
-use crate::oci::{
-    is_index_media_type, is_manifest_media_type, Descriptor, Digest, ImageConfig, ImageManifest,
-    Manifest, Platform, MEDIA_TYPE_OCI_INDEX, MEDIA_TYPE_OCI_MANIFEST,
-};
+use crate::oci::{self, Descriptor, Digest, Document, Image, Manifest, Platform, Resolved};
 use crate::reference::Reference;
 
 const MAX_MANIFEST_SIZE: usize = 8 << 20;
 const MAX_CONFIG_SIZE: u64 = 64 << 20;
-
-/// A manifest or index as the registry serves it.
-#[derive(Debug, Clone)]
-pub struct RemoteManifest {
-    /// Its descriptor (media type, digest of the raw bytes, size).
-    pub descriptor: Descriptor,
-    /// The raw bytes (their digest is `descriptor.digest`).
-    pub raw: Vec<u8>,
-    /// Parsed.
-    pub manifest: Manifest,
-}
-
-/// An image's manifest and config, fetched without touching a layout (for `inspect`).
-#[derive(Debug, Clone)]
-pub struct RemoteImage {
-    /// The index the manifest was selected from, if the reference named an index.
-    pub index: Option<RemoteManifest>,
-    /// Descriptor of the platform's image manifest.
-    pub descriptor: Descriptor,
-    /// The image manifest.
-    pub manifest: ImageManifest,
-    /// Raw manifest bytes.
-    pub raw_manifest: Vec<u8>,
-    /// The parsed config.
-    pub config: ImageConfig,
-    /// Raw config bytes.
-    pub raw_config: Vec<u8>,
-}
 
 /// A pulled image, stored in the layout.
 #[derive(Debug, Clone)]
@@ -56,14 +26,8 @@ pub struct PulledImage {
     pub reference: Reference,
     /// Descriptor of the index the manifest was selected from, if any.
     pub index: Option<Descriptor>,
-    /// Descriptor of the platform's image manifest (OCI or Docker schema 2, kept as served).
-    pub descriptor: Descriptor,
-    /// The image manifest.
-    pub manifest: ImageManifest,
-    /// The parsed config.
-    pub config: ImageConfig,
-    /// Raw config bytes.
-    pub raw_config: Vec<u8>,
+    /// The platform's image (manifest kept as served: OCI or Docker schema 2).
+    pub image: Image,
     /// Per-blob outcome (skipped = already in the layout), config first.
     pub blobs: Vec<BlobReport>,
     /// Bytes downloaded.
@@ -97,7 +61,7 @@ impl Client {
         &self,
         reference: &Reference,
         reporter: &SharedReporter,
-    ) -> Result<RemoteManifest, RegistryError> {
+    ) -> Result<Document, RegistryError> {
         let repo = self
             .repo(&reference.registry, &reference.repository)
             .await?;
@@ -117,31 +81,26 @@ impl Client {
         reference: &Reference,
         platform: &Platform,
         reporter: &SharedReporter,
-    ) -> Result<RemoteImage, RegistryError> {
-        let repo = self
-            .repo(&reference.registry, &reference.repository)
-            .await?;
-        let (index, image) = self
-            .resolve_image(&repo, reference, platform, None, reporter)
-            .await?;
-        let Manifest::Image(manifest) = image.manifest.clone() else {
-            return Err(unsupported(reference, &image.descriptor.media_type));
-        };
-        let raw_config = self
-            .get_small_blob(&repo, &manifest.config, reporter)
-            .await?;
-        let config =
-            ImageConfig::from_slice(&raw_config).map_err(|source| RegistryError::Manifest {
-                reference: format!("{reference} config {}", manifest.config.digest),
-                source,
-            })?;
-        Ok(RemoteImage {
-            index,
-            descriptor: image.descriptor,
-            manifest,
-            raw_manifest: image.raw,
-            config,
-            raw_config,
+    ) -> Result<Resolved, RegistryError> {
+        let source = self.source(reference, None, reporter).await?;
+        let top = reference.manifest_reference();
+        oci::resolve(&source, &top, reference.digest.as_ref(), platform).await
+    }
+
+    /// `reference`'s repository as an image source (reading `layout` first, if given).
+    async fn source<'a>(
+        &'a self,
+        reference: &Reference,
+        layout: Option<&'a Layout>,
+        reporter: &'a SharedReporter,
+    ) -> Result<RemoteSource<'a>, RegistryError> {
+        Ok(RemoteSource {
+            client: self,
+            repo: self
+                .repo(&reference.registry, &reference.repository)
+                .await?,
+            layout,
+            reporter,
         })
     }
 
@@ -156,13 +115,12 @@ impl Client {
         reporter: &SharedReporter,
     ) -> Result<PulledImage, RegistryError> {
         let started = Instant::now();
-        let repo = self
-            .repo(&reference.registry, &reference.repository)
-            .await?;
-        let (index, image) = self
-            .resolve_image(&repo, reference, platform, Some(layout), reporter)
-            .await?;
-        let Manifest::Image(manifest) = image.manifest.clone() else {
+        let source = self.source(reference, Some(layout), reporter).await?;
+        let repo = &source.repo;
+        let top = reference.manifest_reference();
+        let (index, image) =
+            oci::resolve_manifest(&source, &top, reference.digest.as_ref(), platform).await?;
+        let Manifest::Image(manifest) = &image.manifest else {
             return Err(unsupported(reference, &image.descriptor.media_type));
         };
         let mut wanted: Vec<Descriptor> = Vec::new();
@@ -172,13 +130,10 @@ impl Client {
             }
         }
         let mut blobs: Vec<(usize, BlobReport)> = stream::iter(wanted.iter().enumerate())
-            .map(|(i, d)| {
-                let repo = &repo;
-                async move {
-                    self.pull_blob(repo, layout, d, reporter)
-                        .await
-                        .map(|r| (i, r))
-                }
+            .map(|(i, d)| async move {
+                self.pull_blob(repo, layout, d, reporter)
+                    .await
+                    .map(|r| (i, r))
             })
             .buffer_unordered(self.opts.jobs)
             .try_collect()
@@ -186,28 +141,31 @@ impl Client {
         blobs.sort_by_key(|(i, _)| *i);
         let blobs: Vec<BlobReport> = blobs.into_iter().map(|(_, b)| b).collect();
 
-        for m in index.iter().chain(std::iter::once(&image)) {
-            layout.write_blob(&m.raw)?;
+        if let Some(i) = &index {
+            layout.write_index(i)?;
         }
-        let raw_config = layout
-            .read_blob(&manifest.config.digest)
-            .map_err(|source| RegistryError::Blob {
-                repository: repo.name.clone(),
-                digest: manifest.config.digest.clone(),
+        layout.write_blob(&image.raw)?;
+        let config = &manifest.config;
+        let raw_config =
+            layout
+                .read_blob(&config.digest)
+                .map_err(|source| RegistryError::Blob {
+                    repository: repo.name.clone(),
+                    digest: config.digest.clone(),
+                    source,
+                })?;
+        let image = Image::from_raw(image.descriptor, image.raw, raw_config).map_err(|source| {
+            RegistryError::Manifest {
+                reference: format!("{reference} config {}", config.digest),
                 source,
-            })?;
-        let config =
-            ImageConfig::from_slice(&raw_config).map_err(|source| RegistryError::Manifest {
-                reference: format!("{reference} config {}", manifest.config.digest),
-                source,
-            })?;
-        if index.is_none()
-            && (config.os != platform.os || config.architecture != platform.architecture)
-        {
+            }
+        })?;
+        let got = image.platform();
+        if index.is_none() && (got.os != platform.os || got.architecture != platform.architecture) {
             reporter.event(Event::Warning {
                 message: format!(
                     "{reference} is a {}/{} image, not {platform}",
-                    config.os, config.architecture
+                    got.os, got.architecture
                 ),
             });
         }
@@ -215,7 +173,7 @@ impl Client {
             .iter()
             .map(|d| &d.digest)
             .chain(index.iter().map(|i| &i.descriptor.digest))
-            .chain(std::iter::once(&image.descriptor.digest))
+            .chain(std::iter::once(image.digest()))
             .collect();
         if let Err(e) = BlobSources::record(layout, &reference.repo_path(), recorded) {
             reporter.event(Event::Warning {
@@ -228,10 +186,7 @@ impl Client {
         Ok(PulledImage {
             reference: reference.clone(),
             index: index.map(|i| i.descriptor),
-            descriptor: image.descriptor,
-            manifest,
-            config,
-            raw_config,
+            image,
             bytes_downloaded: blobs
                 .iter()
                 .filter(|b| b.outcome == BlobOutcome::Downloaded)
@@ -242,79 +197,6 @@ impl Client {
         })
     }
 
-    /// The index (if any) and the platform's image manifest a reference names.
-    async fn resolve_image(
-        &self,
-        repo: &Repo,
-        reference: &Reference,
-        platform: &Platform,
-        layout: Option<&Layout>,
-        reporter: &SharedReporter,
-    ) -> Result<(Option<RemoteManifest>, RemoteManifest), RegistryError> {
-        let scopes = [repo.pull_scope()];
-        let top = self
-            .get_manifest_cached(
-                repo,
-                &scopes,
-                &reference.manifest_reference(),
-                reference.digest.as_ref(),
-                layout,
-                reporter,
-            )
-            .await?;
-        let Manifest::Index(idx) = &top.manifest else {
-            return Ok((None, top));
-        };
-        let entry =
-            idx.select(platform)
-                .cloned()
-                .ok_or_else(|| RegistryError::PlatformNotFound {
-                    reference: reference.to_string(),
-                    platform: platform.to_string(),
-                    available: idx
-                        .manifests
-                        .iter()
-                        .filter_map(|d| d.platform.as_ref().map(|p| p.to_string()))
-                        .collect(),
-                })?;
-        let mut child = self
-            .get_manifest_cached(
-                repo,
-                &scopes,
-                &entry.digest.to_string(),
-                Some(&entry.digest),
-                layout,
-                reporter,
-            )
-            .await?;
-        if matches!(child.manifest, Manifest::Index(_)) {
-            return Err(unsupported(reference, "nested index"));
-        }
-        child.descriptor.platform = entry.platform.clone();
-        Ok((Some(top), child))
-    }
-
-    async fn get_manifest_cached(
-        &self,
-        repo: &Repo,
-        scopes: &[String],
-        reference: &str,
-        expected: Option<&Digest>,
-        layout: Option<&Layout>,
-        reporter: &SharedReporter,
-    ) -> Result<RemoteManifest, RegistryError> {
-        if let (Some(d), Some(l)) = (expected, layout) {
-            if l.has_blob(d) {
-                let raw = l.read_blob(d)?;
-                if &Digest::of_bytes(&raw) == d {
-                    return manifest_from_raw(&repo.name, reference, raw, None);
-                }
-            }
-        }
-        self.get_manifest(repo, scopes, reference, expected, reporter)
-            .await
-    }
-
     /// GET a manifest by tag or digest and verify its digest.
     pub(crate) async fn get_manifest(
         &self,
@@ -323,7 +205,7 @@ impl Client {
         reference: &str,
         expected: Option<&Digest>,
         reporter: &SharedReporter,
-    ) -> Result<RemoteManifest, RegistryError> {
+    ) -> Result<Document, RegistryError> {
         let op = format!("get manifest {reference}");
         let u = repo.url(&format!("manifests/{reference}"))?;
         let resp = self
@@ -368,7 +250,7 @@ impl Client {
     }
 
     /// GET a small blob (a config) into memory, verified.
-    async fn get_small_blob(
+    pub(crate) async fn get_small_blob(
         &self,
         repo: &Repo,
         desc: &Descriptor,
@@ -500,43 +382,24 @@ fn unsupported(reference: &Reference, media_type: &str) -> RegistryError {
     }
 }
 
-/// Parse raw manifest bytes into a [`RemoteManifest`] (digest computed from the bytes).
+/// Parse raw manifest bytes as served (Docker schema 1 is refused).
 fn manifest_from_raw(
     repo_name: &str,
     reference: &str,
     raw: Vec<u8>,
     content_type: Option<&str>,
-) -> Result<RemoteManifest, RegistryError> {
+) -> Result<Document, RegistryError> {
     let name = format!("{repo_name}:{reference}");
     if let Some(ct) = content_type {
         if ct.starts_with("application/vnd.docker.distribution.manifest.v1") {
             return Err(RegistryError::UnsupportedMediaType {
-                reference: name.clone(),
+                reference: name,
                 media_type: ct.to_string(),
             });
         }
     }
-    let manifest =
-        Manifest::parse(&raw, content_type).map_err(|source| RegistryError::Manifest {
-            reference: name.clone(),
-            source,
-        })?;
-    let declared = match &manifest {
-        Manifest::Image(m) => m.media_type.clone(),
-        Manifest::Index(i) => i.media_type.clone(),
-    };
-    let media_type = declared
-        .or_else(|| content_type.map(str::to_string))
-        .filter(|m| is_manifest_media_type(m) || is_index_media_type(m))
-        .unwrap_or_else(|| match &manifest {
-            // OCI documents may omit mediaType; a schema 1 manifest never parses this far.
-            Manifest::Image(_) => MEDIA_TYPE_OCI_MANIFEST.to_string(),
-            Manifest::Index(_) => MEDIA_TYPE_OCI_INDEX.to_string(),
-        });
-    let size = raw.len() as u64;
-    Ok(RemoteManifest {
-        descriptor: Descriptor::new(media_type, Digest::of_bytes(&raw), size),
-        raw,
-        manifest,
+    Document::from_raw(raw, content_type).map_err(|source| RegistryError::Manifest {
+        reference: name,
+        source,
     })
 }

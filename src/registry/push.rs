@@ -699,16 +699,22 @@ impl Client {
         } else {
             tag_operation(&desc.digest, reference)
         };
-        let u = repo.url(&format!("manifests/{reference}"))?;
-        let resp = self
-            .send(repo, &scopes, &op, true, reporter, |c| {
-                Ok(c.put(u.clone())
-                    .header(CONTENT_TYPE, desc.media_type.as_str())
-                    .body(raw.clone()))
-            })
-            .await?;
-        let resp = expect_status(resp, &[200, 201, 204], &repo.name, &op).await?;
-        check_digest_header(repo, &resp, "manifest", &desc.digest)?;
-        Ok(true)
+        let put = async {
+            let u = repo.url(&format!("manifests/{reference}"))?;
+            let resp = self
+                .send(repo, &scopes, &op, true, reporter, |c| {
+                    Ok(c.put(u.clone())
+                        .header(CONTENT_TYPE, desc.media_type.as_str())
+                        .body(raw.clone()))
+                })
+                .await?;
+            let resp = expect_status(resp, &[200, 201, 204], &repo.name, &op).await?;
+            check_digest_header(repo, &resp, "manifest", &desc.digest)
+        };
+        match put.await {
+            Ok(()) => Ok(true),
+            Err(e) if reference.starts_with("sha256:") => Err(e),
+            Err(e) => Err(e.for_tag(reference)),
+        }
     }
 }

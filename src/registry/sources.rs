@@ -71,26 +71,8 @@ impl BlobSources {
     }
 }
 
-struct Lock(#[allow(dead_code)] std::fs::File);
-
-fn lock(layout: &Layout) -> io::Result<Lock> {
-    let path = layout.dir().join(format!("{SOURCES_FILE}.lock"));
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|e| io::Error::new(e.kind(), format!("open {}: {e}", path.display())))?;
-    // SAFETY: flock on a valid descriptor this function owns.
-    let rc = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_EX) };
-    if rc != 0 {
-        let e = io::Error::last_os_error();
-        return Err(io::Error::new(
-            e.kind(),
-            format!("lock {}: {e}", path.display()),
-        ));
-    }
-    Ok(Lock(f))
+fn lock(layout: &Layout) -> io::Result<crate::layout::FileLock> {
+    crate::layout::FileLock::exclusive(&layout.dir().join(format!("{SOURCES_FILE}.lock")))
 }
 
 #[cfg(test)]

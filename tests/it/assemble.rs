@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use wpimg::layout::Layout;
-use wpimg::oci::{self, Descriptor, Digest, ImageConfig, ImageManifest, RootFs};
+use wpimg::oci::{self, Descriptor, Digest, Image, ImageConfig, ImageManifest, RootFs};
 
 const EPOCH: i64 = 1_700_000_000;
 
@@ -67,8 +67,10 @@ fn base_parts(layout: &Layout) -> (ImageConfig, ImageManifest, Vec<u8>) {
     let manifest = ImageManifest {
         schema_version: 2,
         media_type: Some(oci::MEDIA_TYPE_DOCKER_MANIFEST.into()),
+        artifact_type: None,
         config: Descriptor::new(oci::MEDIA_TYPE_DOCKER_CONFIG, cd, cs),
         layers: vec![ld],
+        subject: None,
         annotations: BTreeMap::new(),
     };
     (config, manifest, raw_config)
@@ -105,27 +107,31 @@ fn fixed_base_and_layer_give_known_digests() {
     let (config, manifest, raw_config) = base_parts(&layout);
     let raw_manifest = oci::to_canonical_json(&manifest);
     let (md, ms) = layout.write_blob(&raw_manifest).unwrap();
-    let base = wpimg::registry::PulledImage {
-        reference: "127.0.0.1:5000/debian:bookworm".parse().unwrap(),
-        index: None,
-        descriptor: Descriptor::new(oci::MEDIA_TYPE_DOCKER_MANIFEST, md, ms),
-        manifest,
-        config,
+    let base = Image::from_raw(
+        Descriptor::new(oci::MEDIA_TYPE_DOCKER_MANIFEST, md, ms),
+        raw_manifest,
         raw_config,
-        blobs: vec![],
-        bytes_downloaded: 0,
-        seconds: 0.0,
-    };
+    )
+    .unwrap();
+    assert_eq!(base.config, config);
     let new = layer(&layout, "srv/app.txt", b"provisioned\n");
-    let (cfg, mut m) =
-        wpimg::build::assemble(&spec, &base, &wpimg::build::NewLayer::from(&new), EPOCH).unwrap();
-    let cb = oci::to_canonical_json(&cfg);
-    m.config = Descriptor::new(
-        oci::MEDIA_TYPE_OCI_CONFIG,
-        Digest::of_bytes(&cb),
-        cb.len() as u64,
-    );
-    let mb = oci::to_canonical_json(&m);
-    assert_eq!(Digest::of_bytes(&cb).to_string(), GOLDEN_CONFIG);
-    assert_eq!(Digest::of_bytes(&mb).to_string(), GOLDEN_MANIFEST);
+    let step = wpimg::build::Step::all(&spec).remove(0);
+    let outcome = wpimg::build::StepOutcome {
+        name: step.name.clone(),
+        layer: new.descriptor(),
+        diff_id: new.diff_id.clone(),
+        uncompressed_size: new.uncompressed_size,
+        created: EPOCH,
+        history: step.history(),
+        cache: wpimg::build::CacheOutcome::Miss,
+        cache_key: String::new(),
+        source: wpimg::build::LayerSource::Upperdir,
+        container: None,
+    };
+    let image = wpimg::build::assemble(&base, &[outcome], &spec.image).unwrap();
+    let (cb, mb) = (&image.raw_config, &image.raw_manifest);
+    assert_eq!(image.manifest.config.digest, Digest::of_bytes(cb));
+    assert_eq!(Digest::of_bytes(cb).to_string(), GOLDEN_CONFIG);
+    assert_eq!(image.digest().to_string(), GOLDEN_MANIFEST);
+    assert_eq!(Digest::of_bytes(mb).to_string(), GOLDEN_MANIFEST);
 }

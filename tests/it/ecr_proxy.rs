@@ -323,8 +323,8 @@ fn ecr_pull_child() {
         let platform = Platform::parse("linux/amd64").unwrap();
         match client.pull_image(&base, &platform, &layout, &rep).await {
             Ok(p) => {
-                assert_eq!(p.descriptor.digest.to_string(), want);
-                println!("ECR-PULL: pulled {}", p.descriptor.digest);
+                assert_eq!(p.image.descriptor.digest.to_string(), want);
+                println!("ECR-PULL: pulled {}", p.image.descriptor.digest);
             }
             Err(e) => println!("ECR-PULL: failed: {:#}", anyhow::Error::from(e)),
         }

@@ -99,7 +99,7 @@ fn upper_dir_and_docker_save_give_identical_layers() {
     let tag = format!(
         "wpimg-layer-test-{}-{}",
         std::process::id(),
-        rand::random::<u32>()
+        fastrand::u32(..)
     );
     let mut guard = Cleanup {
         containers: vec![],

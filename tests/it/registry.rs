@@ -92,9 +92,9 @@ async fn push_then_pull_back_with_skopeo_and_docker_run() {
         .pull_image(&dest, &Platform::host(), &l2, &null())
         .await
         .unwrap();
-    assert_eq!(pulled.descriptor.digest, img.manifest.digest);
+    assert_eq!(pulled.image.descriptor.digest, img.manifest.digest);
     assert_eq!(
-        pulled.config.config.cmd.as_ref().unwrap()[1],
+        pulled.image.config.config.cmd.as_ref().unwrap()[1],
         "hello from wpimg"
     );
     for b in img.blobs() {
@@ -271,8 +271,8 @@ async fn pull_index_with_platform_selection_and_docker_schema2_and_resume() {
     );
     assert_eq!(pulled.index.as_ref().unwrap().digest, remote_idx);
     let idx_digest = remote_idx;
-    assert_eq!(pulled.descriptor.digest, arm.manifest.digest);
-    assert_eq!(pulled.config.architecture, "arm64");
+    assert_eq!(pulled.image.descriptor.digest, arm.manifest.digest);
+    assert_eq!(pulled.image.config.architecture, "arm64");
     assert_eq!(pulled.count_downloaded(), 2);
     for b in arm.blobs() {
         assert!(l.has_blob(&b.digest));
@@ -341,15 +341,15 @@ async fn pull_index_with_platform_selection_and_docker_schema2_and_resume() {
         .pull_image(&d, &Platform::host(), &l3, &null())
         .await
         .unwrap();
-    assert_eq!(pulled.descriptor.digest, want);
+    assert_eq!(pulled.image.descriptor.digest, want);
     assert_eq!(
-        pulled.descriptor.media_type,
+        pulled.image.descriptor.media_type,
         oci::MEDIA_TYPE_DOCKER_MANIFEST
     );
     assert_eq!(oci::Digest::of_bytes(&l3.read_blob(&want).unwrap()), want);
     let remote = c.fetch_image(&d, &Platform::host(), &null()).await.unwrap();
-    assert_eq!(remote.descriptor.digest, want);
-    assert_eq!(remote.config.architecture, "amd64");
+    assert_eq!(remote.image.descriptor.digest, want);
+    assert_eq!(remote.image.config.architecture, "amd64");
     assert!(c
         .manifest_descriptor(&reference(&proxy.host(), "base/docker", "nope"), &null())
         .await
@@ -617,7 +617,7 @@ async fn bearer_token_flow_with_scopes() {
         .pull_image(&dest, &Platform::host(), &l2, &null())
         .await
         .unwrap();
-    assert_eq!(pulled.descriptor.digest, img.manifest.digest);
+    assert_eq!(pulled.image.descriptor.digest, img.manifest.digest);
     let e = anon
         .push_image(
             &l,
@@ -697,7 +697,7 @@ async fn tls_with_private_ca() {
         .pull_image(&dest, &Platform::host(), &l2, &null())
         .await
         .unwrap();
-    assert_eq!(p.descriptor.digest, img.manifest.digest);
+    assert_eq!(p.image.descriptor.digest, img.manifest.digest);
     let certs = tempfile::tempdir().unwrap();
     std::fs::copy(&ca, certs.path().join("ca.crt")).unwrap();
     let d = skopeo_manifest_digest(
@@ -752,6 +752,6 @@ async fn temporary_failures_are_retried() {
             .pull_image(&dest, &Platform::host(), &l2, &null())
             .await
             .unwrap();
-        assert_eq!(p.descriptor.digest, img.manifest.digest);
+        assert_eq!(p.image.descriptor.digest, img.manifest.digest);
     }
 }

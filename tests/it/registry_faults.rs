@@ -199,7 +199,7 @@ async fn ecr_like_chunked_only_registry_through_endpoint_override() {
         .pull_image(&dest, &Platform::host(), &l2, &null())
         .await
         .unwrap();
-    assert_eq!(p.descriptor.digest, img.manifest.digest);
+    assert_eq!(p.image.descriptor.digest, img.manifest.digest);
 
     // Mounting answered 202 (not mounted): uploads instead, chunked from the start this time.
     proxy.clear();

@@ -15,7 +15,6 @@ use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, BodyStream, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::{Request, Response, StatusCode};
-use rand::{RngCore, SeedableRng};
 
 use wpimg::layout::Layout;
 use wpimg::oci::{self, Descriptor, Digest, HashingWriter};
@@ -763,7 +762,7 @@ fn token_endpoint(
         }
     }
     let mut raw = [0u8; 16];
-    rand::rng().fill_bytes(&mut raw);
+    fastrand::fill(&mut raw);
     let token = hex::encode(raw);
     sh.tokens.lock().unwrap().insert(token.clone(), grants);
     full(
@@ -1068,9 +1067,8 @@ pub struct RandomReader {
 impl RandomReader {
     /// `size` bytes from `seed`.
     pub fn new(size: u64, seed: u64) -> Self {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let mut base = vec![0u8; 1 << 20];
-        rng.fill_bytes(&mut base);
+        fastrand::Rng::with_seed(seed).fill(&mut base);
         Self {
             base,
             seed,

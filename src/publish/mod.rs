@@ -1,5 +1,10 @@
-//! Pushing to Amazon ECR: the ECR API (repository, tag immutability, token, scan) around the
-//! registry client's push.
+//! Publishing: where a push goes ([`PushTarget`]: a registry or Amazon ECR, one tag rule) and
+//! the ECR side of it (repository, tag immutability, token, scan) around the registry client's
+//! push; ECR credentials for pulls and the cache repository.
+
+mod target;
+
+pub use target::{push_tags, PushDetails, PushOutcome, PushTarget, TargetKind};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,7 +23,7 @@ use crate::reference::Reference;
 use crate::registry::{Client, ClientOptions, PushReport, RegistryError};
 use crate::spec::EcrSettings;
 
-/// Errors of an ECR push.
+/// Errors of a push.
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
     /// The ECR API refused or failed.
@@ -53,6 +58,19 @@ pub enum PublishError {
     /// The destination cannot be a registry reference.
     #[error("ECR repository {0:?} is not a valid reference")]
     BadRepository(String),
+}
+
+impl crate::error::HasKind for PublishError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        use crate::error::ErrorKind;
+        match self {
+            PublishError::Ecr(e) => e.kind(),
+            PublishError::Registry(e) => e.kind(),
+            PublishError::Findings { .. } => ErrorKind::Findings,
+            PublishError::BadRepository(_) => ErrorKind::BadInput,
+            PublishError::RepositoryUnknown { .. } => ErrorKind::Failure,
+        }
+    }
 }
 
 /// Options of an ECR push.

@@ -1,6 +1,14 @@
-//! OCI values: digests, descriptors, media types, image config, manifests and indexes.
+//! OCI values: digests, descriptors, media types, image config, manifests and indexes, and the
+//! image model built on them ([`Image`], [`Index`], [`ImageSource`], [`Image::append`]).
 //!
 //! Everything here is a pure value: no I/O besides hashing readers, deterministic JSON.
+
+mod image;
+
+pub use image::{
+    resolve, resolve_manifest, Addendum, Document, Image, ImageSource, Index, ResolveError,
+    Resolved,
+};
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -31,6 +39,8 @@ pub const MEDIA_TYPE_DOCKER_MANIFEST_LIST: &str =
 pub const MEDIA_TYPE_DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
 /// Docker gzip layer media type.
 pub const MEDIA_TYPE_DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
+/// OCI empty descriptor media type (the config of an artifact manifest).
+pub const MEDIA_TYPE_OCI_EMPTY: &str = "application/vnd.oci.empty.v1+json";
 /// Annotation holding a tag inside an OCI layout index.
 pub const ANNOTATION_REF_NAME: &str = "org.opencontainers.image.ref.name";
 
@@ -40,6 +50,17 @@ pub enum OciError {
     /// A digest string is malformed.
     #[error("invalid digest {0:?}: expected sha256:<64 hex digits>")]
     InvalidDigest(String),
+    /// A manifest document is an index where an image manifest was expected.
+    #[error("{0} is an index, not an image manifest")]
+    NotAnImage(Digest),
+    /// A config's `rootfs.diff_ids` do not match the manifest's layers.
+    #[error("config lists {diff_ids} diff_ids but the manifest has {layers} layers")]
+    DiffIds {
+        /// Entries in `rootfs.diff_ids`.
+        diff_ids: usize,
+        /// Layers in the manifest.
+        layers: usize,
+    },
     /// JSON of a manifest/config/index could not be parsed.
     #[error("invalid {what} JSON: {source}")]
     Json {
@@ -284,6 +305,9 @@ pub struct Descriptor {
     /// Alternative URLs (foreign layers).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub urls: Vec<String>,
+    /// Artifact type of the referenced manifest (OCI 1.1; set for attachments).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact_type: Option<String>,
 }
 
 impl Descriptor {
@@ -296,9 +320,18 @@ impl Descriptor {
             platform: None,
             annotations: BTreeMap::new(),
             urls: Vec::new(),
+            artifact_type: None,
         }
     }
+
+    /// The descriptor of the empty JSON blob `{}` (the config of an artifact manifest).
+    pub fn empty_json() -> Self {
+        Self::new(MEDIA_TYPE_OCI_EMPTY, Digest::of_bytes(EMPTY_JSON), 2)
+    }
 }
+
+/// The empty JSON blob, the config of artifact manifests.
+pub const EMPTY_JSON: &[u8] = b"{}";
 
 /// An image manifest (OCI or Docker schema2, same shape).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -309,10 +342,16 @@ pub struct ImageManifest {
     /// Media type of this manifest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub media_type: Option<String>,
+    /// Artifact type (OCI 1.1; set for attachments such as an SBOM or a signature).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact_type: Option<String>,
     /// The config blob.
     pub config: Descriptor,
     /// The layers, base first.
     pub layers: Vec<Descriptor>,
+    /// The manifest this one is attached to (OCI 1.1 referrers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<Descriptor>,
     /// Annotations.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
@@ -327,9 +366,15 @@ pub struct ImageIndex {
     /// Media type of this index.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub media_type: Option<String>,
+    /// Artifact type (OCI 1.1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact_type: Option<String>,
     /// Entries.
     #[serde(default)]
     pub manifests: Vec<Descriptor>,
+    /// The manifest this index is attached to (OCI 1.1 referrers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<Descriptor>,
     /// Annotations.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
@@ -341,7 +386,9 @@ impl ImageIndex {
         Self {
             schema_version: 2,
             media_type: Some(MEDIA_TYPE_OCI_INDEX.into()),
+            artifact_type: None,
             manifests: Vec::new(),
+            subject: None,
             annotations: BTreeMap::new(),
         }
     }
@@ -464,7 +511,7 @@ pub struct RuntimeConfig {
 }
 
 /// The `rootfs` of an image config.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RootFs {
     /// Always `layers`.
     #[serde(rename = "type")]
@@ -493,8 +540,8 @@ pub struct History {
     pub empty_layer: Option<bool>,
 }
 
-/// An image config document.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// An image config document (the default is empty: the config of an artifact).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ImageConfig {
     /// Creation time (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -524,6 +571,17 @@ pub struct ImageConfig {
 }
 
 impl ImageConfig {
+    /// The platform this config describes.
+    pub fn platform(&self) -> Platform {
+        Platform {
+            architecture: self.architecture.clone(),
+            os: self.os.clone(),
+            variant: self.variant.clone(),
+            os_version: None,
+            extra: BTreeMap::new(),
+        }
+    }
+
     /// Parse config JSON.
     pub fn from_slice(bytes: &[u8]) -> Result<Self, OciError> {
         serde_json::from_slice(bytes).map_err(|source| OciError::Json {

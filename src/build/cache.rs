@@ -1,14 +1,20 @@
-//! The build cache: a key over every input of the provisioning step, mapping to the layer it
-//! produced. Entries live in the local OCI layout (`wpimg-cache/KEY.json` + the layer blob).
+//! The build cache: a key over every input of a provisioning step, mapping to the layer it
+//! produced. Entries live in the local OCI layout (`wpimg-cache/KEY.json` + the layer blob) and,
+//! with `--cache-repo`, in a registry repository as one-layer images tagged `wpimg-cache-KEY`
+//! ([`Cache`] looks in both and stores in both).
 
+use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
+use crate::events::{Event, SharedReporter};
 use crate::layout::{write_atomic, Layout};
-use crate::oci::{Descriptor, Digest};
+use crate::oci::{Addendum, Descriptor, Digest, Image, Platform};
+use crate::reference::Reference;
+use crate::registry::{Client, RegistryError};
 use crate::spec::ImageSpec;
 
 /// Version of the cache key recipe; bump when the layer format or key inputs change.
@@ -153,18 +159,164 @@ fn collect(
     Ok(())
 }
 
+const CACHE_TAG_PREFIX: &str = "wpimg-cache-";
+const CACHE_CREATED_LABEL: &str = "io.wpimg.cache.created";
+const CACHE_SIZE_LABEL: &str = "io.wpimg.cache.uncompressed-size";
+
+/// The build cache of one build: the layout's entries, and a registry repository's with
+/// `--cache-repo`.
+pub struct Cache<'a> {
+    /// The local layout.
+    pub layout: &'a Layout,
+    /// The registry client (for the remote cache).
+    pub client: &'a Client,
+    /// `--cache-repo`.
+    pub repository: Option<&'a Reference>,
+    /// Progress and warnings.
+    pub reporter: &'a SharedReporter,
+}
+
+impl Cache<'_> {
+    /// The entry for `key`: the layout's, else the cache repository's (stored locally then).
+    pub async fn lookup(&self, key: &str, platform: &Platform) -> Option<CacheEntry> {
+        if let Some(e) = lookup(self.layout, key) {
+            return Some(e);
+        }
+        let repo = self.repository?;
+        match self.lookup_remote(repo, key, platform).await {
+            Ok(found) => found,
+            Err(e) => {
+                self.reporter.event(Event::Warning {
+                    message: format!("cache repository {}: {e}", repo.repo_path()),
+                });
+                None
+            }
+        }
+    }
+
+    /// Whether entries are also pushed to a cache repository.
+    pub fn is_shared(&self) -> bool {
+        self.repository.is_some()
+    }
+
+    /// Store an entry in the layout.
+    pub fn store_local(&self, entry: &CacheEntry) -> std::io::Result<()> {
+        store(self.layout, entry)
+    }
+
+    /// Push an entry to the cache repository (a one-layer image of `platform`); a failure is a
+    /// warning, never a failed build.
+    pub async fn store_remote(&self, entry: &CacheEntry, platform: &Platform) {
+        let Some(repo) = self.repository else { return };
+        if let Err(e) = self.push_entry(repo, entry, platform).await {
+            self.reporter.event(Event::Warning {
+                message: format!(
+                    "could not store the layer in cache repository {}: {e:#}",
+                    repo.repo_path()
+                ),
+            });
+        }
+    }
+
+    async fn lookup_remote(
+        &self,
+        repo: &Reference,
+        key: &str,
+        platform: &Platform,
+    ) -> Result<Option<CacheEntry>, RegistryError> {
+        let Some(r) = cache_ref(repo, key) else {
+            return Ok(None);
+        };
+        if self
+            .client
+            .manifest_descriptor(&r, self.reporter)
+            .await?
+            .is_none()
+        {
+            return Ok(None);
+        }
+        let pulled = self
+            .client
+            .pull_image(&r, platform, self.layout, self.reporter)
+            .await?;
+        let Some(entry) = entry_of(key, &pulled.image) else {
+            return Ok(None);
+        };
+        let _ = store(self.layout, &entry);
+        self.reporter.event(Event::Note {
+            message: format!("cache hit in {}", repo.repo_path()),
+        });
+        Ok(Some(entry))
+    }
+
+    async fn push_entry(
+        &self,
+        repo: &Reference,
+        entry: &CacheEntry,
+        platform: &Platform,
+    ) -> Result<(), RegistryError> {
+        let Some(r) = cache_ref(repo, &entry.key) else {
+            return Ok(());
+        };
+        let image = cache_image(entry, platform).map_err(|source| RegistryError::Manifest {
+            reference: r.to_string(),
+            source,
+        })?;
+        self.layout.write_image(&image)?;
+        self.client
+            .push_image(self.layout, &image.descriptor, &r, &[], self.reporter)
+            .await?;
+        Ok(())
+    }
+}
+
+fn cache_ref(repo: &Reference, key: &str) -> Option<Reference> {
+    repo.with_tag(&format!("{CACHE_TAG_PREFIX}{key}")).ok()
+}
+
+/// The image a cache entry is shared as: its layer on an empty base, with the entry's creation
+/// time and uncompressed size as labels.
+fn cache_image(entry: &CacheEntry, platform: &Platform) -> Result<Image, crate::oci::OciError> {
+    let layer = Addendum {
+        layer: entry.layer.clone(),
+        diff_id: entry.diff_id.clone(),
+        history: None,
+    };
+    Image::scratch(platform).append(&[layer], entry.created, |c| {
+        c.config.labels = Some(BTreeMap::from([
+            (CACHE_CREATED_LABEL.to_string(), entry.created.to_string()),
+            (
+                CACHE_SIZE_LABEL.to_string(),
+                entry.uncompressed_size.to_string(),
+            ),
+        ]));
+    })
+}
+
+/// The cache entry a cache image holds.
+fn entry_of(key: &str, image: &Image) -> Option<CacheEntry> {
+    let labels = image.config.config.labels.as_ref()?;
+    Some(CacheEntry {
+        key: key.to_string(),
+        layer: image.manifest.layers.first()?.clone(),
+        diff_id: image.config.rootfs.diff_ids.first()?.clone(),
+        uncompressed_size: labels.get(CACHE_SIZE_LABEL)?.parse().ok()?,
+        created: labels.get(CACHE_CREATED_LABEL)?.parse().ok()?,
+    })
+}
+
 fn entry_path(layout: &Layout, key: &str) -> PathBuf {
     layout.dir().join("wpimg-cache").join(format!("{key}.json"))
 }
 
-/// Look up a key; an entry whose layer blob is gone counts as a miss.
+/// Look up a key in the layout; an entry whose layer blob is gone counts as a miss.
 pub fn lookup(layout: &Layout, key: &str) -> Option<CacheEntry> {
     let bytes = fs_err::read(entry_path(layout, key)).ok()?;
     let e: CacheEntry = serde_json::from_slice(&bytes).ok()?;
     (e.key == key && layout.has_blob(&e.layer.digest)).then_some(e)
 }
 
-/// Store an entry.
+/// Store an entry in the layout.
 pub fn store(layout: &Layout, e: &CacheEntry) -> std::io::Result<()> {
     let p = entry_path(layout, &e.key);
     if let Some(d) = p.parent() {
@@ -236,6 +388,25 @@ mod tests {
         let b = setup();
         let none = Overrides::default();
         assert_eq!(key_of(a.path(), &none), key_of(b.path(), &none));
+    }
+
+    #[test]
+    fn cache_images_give_back_their_entry() {
+        let e = CacheEntry {
+            key: "k".into(),
+            layer: Descriptor::new(
+                crate::oci::MEDIA_TYPE_OCI_LAYER_GZIP,
+                Digest::of_bytes(b"l"),
+                1,
+            ),
+            diff_id: Digest::of_bytes(b"d"),
+            uncompressed_size: 10,
+            created: 1_700_000_000,
+        };
+        let img = cache_image(&e, &Platform::parse("linux/arm64/v8").unwrap()).unwrap();
+        assert_eq!(entry_of("k", &img), Some(e));
+        assert_eq!(img.config.variant.as_deref(), Some("v8"));
+        assert!(img.config.history.is_empty());
     }
 
     #[test]

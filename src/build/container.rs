@@ -1,0 +1,96 @@
+//! The build container: started from the parent image, kept alive for Ansible, and removed
+//! whatever happens ([`BuildContainer::remove`] on every path the build controls, a best-effort
+//! removal on drop for the others), unless `--keep-on-error` keeps it after a failed play.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::runtime::{ContainerSpec, Engine, RuntimeError, BUILD_LABEL};
+
+/// Label naming the image a build container belongs to.
+pub const IMAGE_LABEL: &str = "io.wpimg.image";
+
+/// A running build container, removed when the build is done with it.
+pub struct BuildContainer {
+    engine: Arc<dyn Engine>,
+    id: String,
+    name: String,
+    armed: bool,
+}
+
+impl BuildContainer {
+    /// What to start for image `image_name`: a container of `image` (an engine image ID) with
+    /// a unique name and wpimg's labels.
+    pub fn spec(image: &str, image_name: &str, platform: Option<String>) -> ContainerSpec {
+        ContainerSpec {
+            image: image.to_string(),
+            name: format!(
+                "wpimg-build-{}-{:08x}",
+                image_name.replace(['/', '.'], "-"),
+                fastrand::u32(..)
+            ),
+            labels: HashMap::from([
+                (BUILD_LABEL.to_string(), "1".to_string()),
+                (IMAGE_LABEL.to_string(), image_name.to_string()),
+            ]),
+            platform,
+        }
+    }
+
+    /// Start a keep-alive container.
+    pub async fn start(
+        engine: Arc<dyn Engine>,
+        spec: &ContainerSpec,
+    ) -> Result<Self, RuntimeError> {
+        let id = engine.start_keepalive(spec).await?;
+        Ok(Self {
+            engine,
+            id,
+            name: spec.name.clone(),
+            armed: true,
+        })
+    }
+
+    /// The engine's container ID.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The container name (Ansible's `ansible_host`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Stop its processes, keeping its filesystem (before reading the layer).
+    pub async fn stop(&self) -> Result<(), RuntimeError> {
+        self.engine.kill(&self.id).await
+    }
+
+    /// Remove the container (and its anonymous volumes).
+    pub async fn remove(mut self) -> Result<(), RuntimeError> {
+        self.armed = false;
+        self.engine.remove(&self.id).await
+    }
+
+    /// Leave the container in place (`--keep-on-error`); returns its name.
+    pub fn keep(mut self) -> String {
+        self.armed = false;
+        std::mem::take(&mut self.name)
+    }
+}
+
+impl Drop for BuildContainer {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        // Reached only when the build's own future was dropped: remove it in the background.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let engine = self.engine.clone();
+            let id = std::mem::take(&mut self.id);
+            rt.spawn(async move {
+                let _ = engine.remove(&id).await;
+            });
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! Reading a stopped build container's changes as a layer: from its overlayfs upper directory
+//! when the engine is local with overlay2 (no copy through the engine), else through the Engine
+//! API (`commit` + `save`, then the top layer of the archive).
+
+use serde::Serialize;
+
+use super::container::BuildContainer;
+use super::docker_archive;
+use super::report::LayerSource;
+use super::BuildError;
+use crate::layer::{LayerInfo, LayerOptions};
+use crate::layout::Layout;
+use crate::runtime::{Engine, EngineInfo};
+
+/// How the layer is read from the build container (`--layer-path`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum LayerPath {
+    /// The overlayfs upper directory when the engine is local and uses overlay2, else the API.
+    #[default]
+    Auto,
+    /// Always the container's overlayfs upper directory.
+    Upperdir,
+    /// Always the Engine API (`commit` + `save`).
+    Api,
+}
+
+/// Where the changes of one container are read from.
+pub struct Extraction<'a> {
+    /// The engine.
+    pub engine: &'a dyn Engine,
+    /// What the engine said about itself (local, storage driver).
+    pub info: &'a EngineInfo,
+    /// `--layer-path`.
+    pub path: LayerPath,
+    /// Where the layer blob goes.
+    pub layout: &'a Layout,
+}
+
+impl Extraction<'_> {
+    /// Read the (stopped) container's changes into a layer blob.
+    pub async fn layer(
+        &self,
+        container: &BuildContainer,
+        opts: LayerOptions,
+    ) -> Result<(LayerInfo, LayerSource), BuildError> {
+        match self.upper_dir(container).await? {
+            Some(dir) => {
+                let layout = self.layout.clone();
+                let info = tokio::task::spawn_blocking(move || {
+                    crate::layer::layer_from_dir(&dir, &layout, &opts)
+                })
+                .await
+                .map_err(|e| BuildError::Task(e.to_string()))??;
+                Ok((info, LayerSource::Upperdir))
+            }
+            None => Ok((self.via_api(container, opts).await?, LayerSource::Api)),
+        }
+    }
+
+    /// The upper directory to read, or `None` for the API path.
+    async fn upper_dir(
+        &self,
+        container: &BuildContainer,
+    ) -> Result<Option<std::path::PathBuf>, BuildError> {
+        let usable = self.info.local && self.info.storage_driver == "overlay2";
+        let upper = match self.path {
+            LayerPath::Api => None,
+            LayerPath::Auto if !usable => None,
+            _ => self
+                .engine
+                .upper_dir(container.id())
+                .await?
+                .filter(|p| p.is_dir()),
+        };
+        if self.path == LayerPath::Upperdir && upper.is_none() {
+            return Err(BuildError::LayerPathUnavailable {
+                engine: format!(
+                    "{} engine with the {} storage driver",
+                    if self.info.local { "local" } else { "remote" },
+                    self.info.storage_driver
+                ),
+            });
+        }
+        Ok(upper)
+    }
+
+    /// Commit + save, then the top layer of the saved archive.
+    async fn via_api(
+        &self,
+        container: &BuildContainer,
+        opts: LayerOptions,
+    ) -> Result<LayerInfo, BuildError> {
+        let image = self.engine.commit(container.id()).await?;
+        let result = self.layer_of_saved(&image, opts).await;
+        let _ = self.engine.remove_image(&image).await;
+        result
+    }
+
+    async fn layer_of_saved(
+        &self,
+        image: &str,
+        opts: LayerOptions,
+    ) -> Result<LayerInfo, BuildError> {
+        use futures_util::StreamExt;
+        use std::io::Write;
+        let mut tmp = tempfile::Builder::new()
+            .prefix("wpimg-save-")
+            .tempfile_in(self.layout.dir())?;
+        let mut s = self.engine.save(image);
+        while let Some(chunk) = s.next().await {
+            tmp.write_all(&chunk?)?;
+        }
+        tmp.flush()?;
+        let layout = self.layout.clone();
+        tokio::task::spawn_blocking(move || -> Result<LayerInfo, BuildError> {
+            let mut f = tmp.reopen()?;
+            let info = docker_archive::with_top_layer(&mut f, |r| {
+                crate::layer::layer_from_tar(r, &layout, &opts)
+            })?;
+            Ok(info?)
+        })
+        .await
+        .map_err(|e| BuildError::Task(e.to_string()))?
+    }
+}

@@ -1,0 +1,109 @@
+//! What a build reports: stage timings, layers, the cache outcome (the `--json` result).
+
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use crate::oci::{Descriptor, Digest};
+
+/// Wall time of one stage.
+#[derive(Debug, Clone, Serialize)]
+pub struct StageTime {
+    /// Stage name.
+    pub stage: String,
+    /// Seconds.
+    pub seconds: f64,
+}
+
+/// Whether a step's layer came from the build cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheOutcome {
+    /// Reused from the cache (local or `--cache-repo`).
+    Hit,
+    /// Produced by running the step.
+    Miss,
+}
+
+impl std::fmt::Display for CacheOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CacheOutcome::Hit => "hit",
+            CacheOutcome::Miss => "miss",
+        })
+    }
+}
+
+/// Where a step's layer was read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LayerSource {
+    /// The container's overlayfs upper directory.
+    Upperdir,
+    /// The Engine API (`commit` + `save`).
+    Api,
+    /// The build cache.
+    Cache,
+}
+
+impl std::fmt::Display for LayerSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LayerSource::Upperdir => "upperdir",
+            LayerSource::Api => "api",
+            LayerSource::Cache => "cache",
+        })
+    }
+}
+
+/// One layer of the result.
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerReport {
+    /// Compressed digest.
+    pub digest: Digest,
+    /// Compressed size.
+    pub size: u64,
+    /// Media type.
+    pub media_type: String,
+    /// Whether this build produced it.
+    pub new: bool,
+}
+
+/// The outcome of a build.
+#[derive(Debug, Clone, Serialize)]
+pub struct BuildReport {
+    /// Image name.
+    pub name: String,
+    /// `NAME:TAG` in the local layout.
+    pub reference: String,
+    /// The layout directory.
+    pub oci_dir: PathBuf,
+    /// Base reference as written.
+    pub base: String,
+    /// Base manifest digest (the platform manifest).
+    pub base_digest: Digest,
+    /// Result manifest descriptor.
+    pub manifest: Descriptor,
+    /// Result config digest.
+    pub config_digest: Digest,
+    /// Layers, base first.
+    pub layers: Vec<LayerReport>,
+    /// The new layer's uncompressed digest.
+    pub diff_id: Digest,
+    /// The new layer's uncompressed size.
+    pub layer_uncompressed_size: u64,
+    /// How the layer was read.
+    pub layer_path: LayerSource,
+    /// Cache outcome.
+    pub cache: CacheOutcome,
+    /// The cache key.
+    pub cache_key: String,
+    /// Total compressed size of all layers.
+    pub total_size: u64,
+    /// Stage timings.
+    pub stages: Vec<StageTime>,
+    /// Build container name (empty on a cache hit).
+    pub container: String,
+    /// `NAME:TAG` loaded into Docker, with `--load`.
+    pub loaded: Option<String>,
+}

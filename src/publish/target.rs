@@ -1,0 +1,235 @@
+//! Where a push goes — a registry repository or an Amazon ECR repository — with its tags, and
+//! what a push did.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::ser::SerializeMap;
+use serde::Serialize;
+
+use super::{push_to_ecr, EcrPushOptions, EcrPushReport, PublishError};
+use crate::events::{BlobOutcome, Event, SharedReporter};
+use crate::layout::Layout;
+use crate::oci::{Descriptor, Digest};
+use crate::reference::Reference;
+use crate::registry::{BlobStream, Client, PushReport, StreamWriter};
+use crate::spec::Target;
+
+/// The tags of a push, one rule for registries and ECR: the tag in `--to` and the `--tag`
+/// flags; when there are none, `target.tags` of image.yaml unless `--to` named another
+/// destination; `latest` when still empty.
+pub fn push_tags(
+    flags: &[String],
+    to_tag: Option<&str>,
+    to_given: bool,
+    target: Option<&Target>,
+) -> Vec<String> {
+    let mut tags: Vec<String> = Vec::new();
+    for t in to_tag.into_iter().chain(flags.iter().map(String::as_str)) {
+        if !tags.iter().any(|x| x == t) {
+            tags.push(t.to_string());
+        }
+    }
+    if tags.is_empty() && !to_given {
+        tags = target.map(|t| t.tags.clone()).unwrap_or_default();
+    }
+    if tags.is_empty() {
+        tags.push(crate::reference::DEFAULT_TAG.to_string());
+    }
+    tags
+}
+
+/// Where a push goes.
+pub enum TargetKind {
+    /// A repository of an OCI distribution registry.
+    Registry {
+        /// The client (destination credentials and endpoint, push options).
+        client: Arc<Client>,
+        /// The repository (no tag).
+        repository: Reference,
+    },
+    /// An Amazon ECR repository (credentials and repository handled through the ECR API).
+    Ecr(Box<EcrPushOptions>),
+}
+
+/// A push destination with its tags.
+pub struct PushTarget {
+    /// The destination.
+    pub kind: TargetKind,
+    /// The tags, first one first.
+    pub tags: Vec<String>,
+}
+
+/// What a push did, by destination kind.
+#[derive(Debug)]
+pub enum PushDetails {
+    /// A registry push.
+    Registry(PushReport),
+    /// An ECR push.
+    Ecr(EcrPushReport),
+}
+
+/// What a push did.
+#[derive(Debug)]
+pub struct PushOutcome {
+    /// `HOST/REPO@sha256:...` (ready for an ECS task definition).
+    pub image_uri: String,
+    /// The pushed manifest's digest.
+    pub digest: Digest,
+    /// `HOST/REPO` pushed to.
+    pub repository: String,
+    /// The tags now pointing at the image.
+    pub tags: Vec<String>,
+    /// Wall time in seconds.
+    pub seconds: f64,
+    /// The destination's own report.
+    pub details: PushDetails,
+}
+
+impl Serialize for PushOutcome {
+    /// The `--json` result: the destination's report, then `image_uri` and `digest`.
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let report = match &self.details {
+            PushDetails::Registry(r) => serde_json::to_value(r),
+            PushDetails::Ecr(r) => serde_json::to_value(r),
+        }
+        .map_err(serde::ser::Error::custom)?;
+        let mut m = s.serialize_map(None)?;
+        if let serde_json::Value::Object(fields) = report {
+            for (k, v) in fields.iter().filter(|(k, _)| *k != "image_uri") {
+                m.serialize_entry(k, v)?;
+            }
+        }
+        m.serialize_entry("image_uri", &self.image_uri)?;
+        m.serialize_entry("digest", &self.digest)?;
+        m.end()
+    }
+}
+
+impl PushOutcome {
+    /// One human line: what was pushed and how.
+    pub fn summary(&self) -> String {
+        match &self.details {
+            PushDetails::Registry(r) => format!(
+                "pushed {} tags [{}]: {} uploaded, {} mounted, {} skipped, {:.1} MB in {:.1}s",
+                self.image_uri,
+                self.tags.join(", "),
+                r.count(BlobOutcome::Uploaded),
+                r.count(BlobOutcome::Mounted),
+                r.count(BlobOutcome::Skipped),
+                r.bytes_uploaded as f64 / 1e6,
+                r.seconds
+            ),
+            PushDetails::Ecr(r) => match &r.scan {
+                Some(scan) => format!("pushed {}\n{scan}", self.image_uri),
+                None => format!("pushed {}", self.image_uri),
+            },
+        }
+    }
+}
+
+impl PushTarget {
+    /// The destination as `HOST/REPO` (or the ECR repository as written).
+    pub fn repository(&self) -> String {
+        match &self.kind {
+            TargetKind::Registry { repository, .. } => repository.repo_path(),
+            TargetKind::Ecr(o) => o.repository.clone(),
+        }
+    }
+
+    /// A streaming upload of a blob not yet complete (the new layer during `build --push`);
+    /// only for registries: ECR pushes check immutable tags before uploading anything.
+    pub fn stream_blob(&self, reporter: &SharedReporter) -> Option<(StreamWriter, BlobStream)> {
+        match &self.kind {
+            TargetKind::Registry { client, repository } => {
+                Some(client.stream_blob(repository, reporter))
+            }
+            TargetKind::Ecr(_) => None,
+        }
+    }
+
+    /// Push the image (or index) `manifest` of `layout`, then its tags (stage `push`).
+    pub async fn push(
+        &self,
+        layout: &Layout,
+        manifest: &Descriptor,
+        reporter: &SharedReporter,
+    ) -> Result<PushOutcome, PublishError> {
+        reporter.event(Event::StageStart {
+            stage: "push".into(),
+        });
+        let started = Instant::now();
+        let mut outcome = match &self.kind {
+            TargetKind::Registry { client, repository } => {
+                let report = client
+                    .push_image(layout, manifest, repository, &self.tags, reporter)
+                    .await
+                    .map_err(Box::new)?;
+                PushOutcome {
+                    image_uri: format!("{}@{}", repository.repo_path(), report.manifest.digest),
+                    digest: report.manifest.digest.clone(),
+                    repository: repository.repo_path(),
+                    tags: report.tags.clone(),
+                    seconds: 0.0,
+                    details: PushDetails::Registry(report),
+                }
+            }
+            TargetKind::Ecr(options) => {
+                let options = EcrPushOptions {
+                    tags: self.tags.clone(),
+                    ..options.as_ref().clone()
+                };
+                let report = push_to_ecr(layout, manifest, options, reporter).await?;
+                PushOutcome {
+                    repository: report
+                        .image_uri
+                        .split_once('@')
+                        .map_or_else(|| report.image_uri.clone(), |(r, _)| r.to_string()),
+                    image_uri: report.image_uri.clone(),
+                    digest: manifest.digest.clone(),
+                    tags: self.tags.clone(),
+                    seconds: 0.0,
+                    details: PushDetails::Ecr(report),
+                }
+            }
+        };
+        outcome.seconds = started.elapsed().as_secs_f64();
+        reporter.event(Event::StageFinish {
+            stage: "push".into(),
+            seconds: outcome.seconds,
+        });
+        Ok(outcome)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(tags: &[&str]) -> Target {
+        Target {
+            repository: "r.example/app".into(),
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+            ecr: None,
+        }
+    }
+
+    #[test]
+    fn one_tag_rule() {
+        let t = target(&["v1", "latest"]);
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        // image.yaml's tags without --to.
+        assert_eq!(push_tags(&[], None, false, Some(&t)), s(&["v1", "latest"]));
+        // --tag beats them.
+        assert_eq!(push_tags(&s(&["x"]), None, false, Some(&t)), s(&["x"]));
+        // --to names another destination: its tag, else latest; never image.yaml's tags.
+        assert_eq!(push_tags(&[], None, true, Some(&t)), s(&["latest"]));
+        assert_eq!(push_tags(&[], Some("t1"), true, Some(&t)), s(&["t1"]));
+        assert_eq!(
+            push_tags(&s(&["x", "t1"]), Some("t1"), true, Some(&t)),
+            s(&["t1", "x"])
+        );
+        // Nothing at all: latest.
+        assert_eq!(push_tags(&[], None, false, None), s(&["latest"]));
+    }
+}
