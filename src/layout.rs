@@ -204,10 +204,7 @@ impl Layout {
         {
             Manifest::Image(m) => m.config,
             Manifest::Index(_) => {
-                return Err(self.json_err(
-                    &desc.digest,
-                    OciError::NotAnImage(desc.digest.clone()),
-                ))
+                return Err(self.json_err(&desc.digest, OciError::NotAnImage(desc.digest.clone())))
             }
         };
         let raw_config = self.read_verified(&config)?;

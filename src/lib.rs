@@ -12,6 +12,7 @@ pub mod inspect;
 pub mod layer;
 pub mod layout;
 pub mod oci;
+pub mod provenance;
 pub mod provision;
 pub mod publish;
 pub mod reference;

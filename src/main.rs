@@ -11,7 +11,7 @@ fn main() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
-            std::process::exit(wpimg::cli::EXIT_FAILURE);
+            std::process::exit(wpimg::error::ErrorKind::Failure.exit_code());
         }
     };
     let code = rt.block_on(wpimg::cli::run(cli));

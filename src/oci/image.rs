@@ -176,9 +176,7 @@ impl Image {
     ) -> Result<Self, OciError> {
         let manifest = match Manifest::parse(&raw_manifest, Some(&descriptor.media_type))? {
             Manifest::Image(m) => m,
-            Manifest::Index(_) => {
-                return Err(OciError::NotAnImage(descriptor.digest))
-            }
+            Manifest::Index(_) => return Err(OciError::NotAnImage(descriptor.digest)),
         };
         let is_image_config = matches!(
             manifest.config.media_type.as_str(),
