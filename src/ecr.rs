@@ -1175,7 +1175,7 @@ impl EcrClient {
                 status.warnings = differences(&status, settings);
                 return Ok(status);
             }
-            Err(EcrError::RepositoryNotFound { .. }) if settings.create_repository => {}
+            Err(EcrError::RepositoryNotFound { .. }) if settings.creates_repository() => {}
             Err(e) => return Err(e),
         }
         // Read the policy first: a bad file must not leave a half-configured repository.

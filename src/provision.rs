@@ -186,6 +186,23 @@ impl ProvisionRun {
     }
 }
 
+/// Runs a step's playbook against a build container (Ansible; a fake in unit tests).
+#[async_trait::async_trait]
+pub trait Provisioner: Send + Sync {
+    /// Run `p`, streaming its output through `reporter`; dropping the future stops it.
+    async fn run(&self, p: &ProvisionRun, reporter: &SharedReporter) -> Result<(), ProvisionError>;
+}
+
+/// The real provisioner: `ansible-playbook` through a docker connection.
+pub struct AnsiblePlaybook;
+
+#[async_trait::async_trait]
+impl Provisioner for AnsiblePlaybook {
+    async fn run(&self, p: &ProvisionRun, reporter: &SharedReporter) -> Result<(), ProvisionError> {
+        run(p, reporter).await
+    }
+}
+
 /// Find a program on PATH.
 pub fn which(program: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;

@@ -273,6 +273,9 @@ pub fn strip_port(host: &str) -> &str {
     }
 }
 
+/// What a tag may be.
+pub const TAG_RULE: &str = "up to 128 of [A-Za-z0-9_.-], not starting with . or -";
+
 /// Check a tag: `[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`.
 pub fn validate_tag(tag: &str) -> Result<(), String> {
     let ok = !tag.is_empty()
@@ -287,9 +290,7 @@ pub fn validate_tag(tag: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "invalid tag {tag:?}: up to 128 of [A-Za-z0-9_.-], not starting with . or -"
-        ))
+        Err(format!("invalid tag {tag:?}: {TAG_RULE}"))
     }
 }
 

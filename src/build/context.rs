@@ -14,6 +14,7 @@ use super::BuildError;
 use crate::events::SharedReporter;
 use crate::layout::Layout;
 use crate::oci::Descriptor;
+use crate::provision::{AnsiblePlaybook, Provisioner};
 use crate::reference::Reference;
 use crate::registry::{BlobStream, Client, StreamWriter};
 use crate::runtime::Engine;
@@ -71,6 +72,7 @@ pub struct BuildContext<'a> {
     /// Progress.
     pub reporter: SharedReporter,
     cancel: CancellationToken,
+    provisioner: Arc<dyn Provisioner>,
     layout: Layout,
     stages: Stages,
     layer_upload: Mutex<Option<LayerUpload>>,
@@ -94,6 +96,7 @@ impl<'a> BuildContext<'a> {
             options,
             reporter,
             cancel: CancellationToken::new(),
+            provisioner: Arc::new(AnsiblePlaybook),
             layer_upload: Mutex::new(None),
         })
     }
@@ -102,6 +105,17 @@ impl<'a> BuildContext<'a> {
     pub fn with_cancel(mut self, cancel: CancellationToken) -> Self {
         self.cancel = cancel;
         self
+    }
+
+    /// Provision with `provisioner` instead of `ansible-playbook` (unit tests).
+    pub fn with_provisioner(mut self, provisioner: Arc<dyn Provisioner>) -> Self {
+        self.provisioner = provisioner;
+        self
+    }
+
+    /// The provisioner.
+    pub fn provisioner(&self) -> &dyn Provisioner {
+        self.provisioner.as_ref()
     }
 
     /// Stream the new layer to a registry while it is compressed.

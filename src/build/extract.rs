@@ -66,7 +66,7 @@ impl Extraction<'_> {
         let usable = self.info.local && self.info.storage_driver == "overlay2";
         let upper = match self.path {
             LayerPath::Api => None,
-            LayerPath::Auto if !usable => None,
+            LayerPath::Auto | LayerPath::Upperdir if !usable => None,
             _ => self
                 .engine
                 .upper_dir(container.id())

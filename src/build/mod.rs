@@ -12,6 +12,8 @@ mod extract;
 mod report;
 mod stage;
 mod step;
+#[cfg(test)]
+mod tests;
 
 pub use assemble::{apply, assemble};
 pub use cache::{key as cache_key, Cache, CacheEntry};
@@ -179,7 +181,7 @@ pub async fn build_platform(
     }
     let image = ctx
         .stage("assemble", async {
-            let image = assemble(&base.image, &outcomes, &ctx.spec.image)
+            let image = assemble(&base.image, &outcomes, &ctx.spec.image_settings())
                 .map_err(|source| base_error(ctx, source))?;
             ctx.layout().write_image(&image)?;
             Ok::<_, BuildError>(image)

@@ -45,9 +45,9 @@ impl Step {
         vec![Step {
             name: "provision".into(),
             playbook: p.playbook.clone(),
-            extra_vars: p.extra_vars.clone(),
-            ansible_args: p.ansible_args.clone(),
-            env: p.env.clone(),
+            extra_vars: p.extra_vars.clone().unwrap_or_default(),
+            ansible_args: p.ansible_args.clone().unwrap_or_default(),
+            env: p.env.clone().unwrap_or_default(),
             connection: p
                 .connection
                 .clone()
@@ -253,7 +253,10 @@ impl StepRun<'_> {
         container: &BuildContainer,
         provisioning: StageTimer<'_>,
     ) -> Result<(LayerInfo, LayerSource), BuildError> {
-        provision::run(&self.provision_run(container.name()), &self.ctx.reporter)
+        let run = self.provision_run(container.name());
+        self.ctx
+            .provisioner()
+            .run(&run, &self.ctx.reporter)
             .await
             .map_err(|source| BuildError::Provision { source, kept: None })?;
         provisioning.finish();
@@ -287,11 +290,11 @@ impl StepRun<'_> {
     }
 
     fn layer_options(&self) -> LayerOptions {
-        let layer = self.ctx.spec.layer.clone();
+        let layer = self.ctx.spec.layer_settings();
         LayerOptions {
-            compression: layer.compression,
+            compression: layer.compression(),
             level: layer.level,
-            excludes: layer.exclude,
+            excludes: layer.excludes(),
             source_date_epoch: oci::source_date_epoch(),
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             tee: self

@@ -58,6 +58,8 @@ pub enum Command {
     Push(PushCmd),
     /// Show an image (layers, sizes, config, history) of the local layout or a registry.
     Inspect(InspectCmd),
+    /// Print the JSON Schema of image.yaml (for editors' YAML language servers).
+    Schema,
     /// Print shell completions.
     Completions {
         /// The shell.

@@ -6,6 +6,7 @@ mod build;
 mod inspect;
 pub mod output;
 mod push;
+mod schema;
 pub mod settings;
 mod validate;
 
@@ -74,6 +75,7 @@ async fn dispatch(cli: &Cli, out: &Arc<Output>) -> anyhow::Result<()> {
         Command::Build(b) => build::run(g, b, out).await,
         Command::Push(p) => push::run(g, p, out).await,
         Command::Inspect(i) => inspect::run(g, i, out).await,
+        Command::Schema => schema::run(),
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(*shell, &mut cmd, "wpimg", &mut std::io::stdout());

@@ -48,6 +48,11 @@ pub fn validate_excludes(patterns: &[String]) -> Result<(), ExcludeError> {
     Ok(())
 }
 
+/// Check one exclude glob; the error says what is wrong with it.
+pub fn check_exclude(p: &str) -> Result<(), String> {
+    build_glob(p).map(|_| ())
+}
+
 fn build_glob(p: &str) -> Result<globset::Glob, String> {
     if !p.starts_with('/') {
         return Err("must be an absolute path in the image (start with '/')".into());

@@ -34,14 +34,16 @@ use serde::{Deserialize, Serialize};
 use crate::layout::{Layout, LayoutError};
 use crate::oci::{Descriptor, Digest, MEDIA_TYPE_OCI_LAYER_GZIP, MEDIA_TYPE_OCI_LAYER_ZSTD};
 
-pub use exclude::{validate_excludes, ExcludeError, BUILTIN_EXCLUDES};
+pub use exclude::{check_exclude, validate_excludes, ExcludeError, BUILTIN_EXCLUDES};
 
 /// Xattr name prefixes never written into a layer (overlayfs bookkeeping, host SELinux labels).
 pub const DROPPED_XATTR_PREFIXES: &[&str] =
     &["trusted.overlay.", "user.overlay.", "security.selinux"];
 
 /// Layer compression.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Compression {
     /// gzip (the default; every engine can pull it).

@@ -31,7 +31,7 @@ pub fn push_tags(
         }
     }
     if tags.is_empty() && !to_given {
-        tags = target.map(|t| t.tags.clone()).unwrap_or_default();
+        tags = target.map(Target::tags).unwrap_or_default();
     }
     if tags.is_empty() {
         tags.push(crate::reference::DEFAULT_TAG.to_string());
@@ -209,7 +209,7 @@ mod tests {
     fn target(tags: &[&str]) -> Target {
         Target {
             repository: "r.example/app".into(),
-            tags: tags.iter().map(|t| t.to_string()).collect(),
+            tags: Some(tags.iter().map(|t| t.to_string()).collect()),
             ecr: None,
         }
     }

@@ -128,7 +128,7 @@ fn fixed_base_and_layer_give_known_digests() {
         source: wpimg::build::LayerSource::Upperdir,
         container: None,
     };
-    let image = wpimg::build::assemble(&base, &[outcome], &spec.image).unwrap();
+    let image = wpimg::build::assemble(&base, &[outcome], &spec.image_settings()).unwrap();
     let (cb, mb) = (&image.raw_config, &image.raw_manifest);
     assert_eq!(image.manifest.config.digest, Digest::of_bytes(cb));
     assert_eq!(Digest::of_bytes(cb).to_string(), GOLDEN_CONFIG);

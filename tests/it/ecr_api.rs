@@ -67,7 +67,7 @@ async fn put_image(c: &EcrClient, repo: &EcrRepo, tag: &str, seed: &str) -> Dige
 
 fn create(immutability: &str) -> EcrSettings {
     EcrSettings {
-        create_repository: true,
+        create_repository: Some(true),
         tag_immutability: Some(immutability.into()),
         ..Default::default()
     }
@@ -82,7 +82,7 @@ async fn creates_missing_repository_with_requested_settings() {
     let policy_path = dir.path().join("policy.json");
     std::fs::write(&policy_path, policy).unwrap();
     let settings = EcrSettings {
-        create_repository: true,
+        create_repository: Some(true),
         scan_on_push: Some(true),
         tag_immutability: Some("IMMUTABLE".into()),
         encryption: Some("KMS".into()),
@@ -174,7 +174,7 @@ async fn missing_repository_without_create_is_a_clear_error() {
     assert!(matches!(e, EcrError::RepositoryNotFound { .. }), "{e:?}");
     // A broken lifecycle policy file is reported before the repository is created.
     let settings = EcrSettings {
-        create_repository: true,
+        create_repository: Some(true),
         lifecycle_policy: Some("/nonexistent/policy.json".into()),
         ..Default::default()
     };

@@ -7,6 +7,7 @@ mod common;
 mod assemble;
 mod build;
 mod ci_jobs;
+mod cli_rules;
 mod ecr_api;
 mod ecr_proxy;
 mod ecr_push;

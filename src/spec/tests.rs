@@ -1,0 +1,253 @@
+use super::*;
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn load_str(text: &str) -> (tempfile::TempDir, Result<ImageSpec, SpecError>) {
+    let d = tempfile::tempdir().unwrap();
+    write(d.path(), "pb.yml", "- hosts: all\n  tasks: []\n");
+    let p = write(d.path(), "image.yaml", text);
+    let r = load(&p, &Overrides::default());
+    (d, r)
+}
+
+const MINIMAL: &str =
+    "name: app\nbase: 127.0.0.1:5000/debian:bookworm\nprovision:\n  playbook: pb.yml\n";
+
+#[test]
+fn minimal_spec_loads_with_defaults() {
+    let (_d, r) = load_str(MINIMAL);
+    let s = r.unwrap();
+    assert_eq!(s.local_ref(), "app:latest");
+    assert_eq!(s.layer_settings().compression(), Compression::Gzip);
+    assert!(s.target.is_none());
+    assert!(s.provision.playbook.is_absolute() || s.provision.playbook.ends_with("pb.yml"));
+}
+
+#[test]
+fn every_problem_is_reported_with_lines() {
+    let (_d, r) = load_str(
+        "name: app\nbase: ${nope}\nprovision:\n  playbook: missing.yml\n  colour: red\nimage:\n  expose: [99999]\n",
+    );
+    let e = r.unwrap_err();
+    let ps = e.problems();
+    assert_eq!(ps.len(), 4, "{e}");
+    assert_eq!((ps[0].line, ps[0].key.as_str()), (2, "base"));
+    assert!(ps[0].message.contains("undefined variable ${nope}"));
+    assert_eq!((ps[1].line, ps[1].key.as_str()), (4, "provision.playbook"));
+    assert_eq!((ps[2].line, ps[2].key.as_str()), (5, "provision.colour"));
+    assert!(ps[2].message.contains("unknown key"));
+    assert_eq!((ps[3].line, ps[3].key.as_str()), (7, "image.expose[0]"));
+    assert!(
+        e.to_string().contains("image.yaml:5:3: provision.colour"),
+        "{e}"
+    );
+}
+
+#[test]
+fn wrong_types_and_missing_required() {
+    let (_d, r) = load_str("name: [a]\nprovision: {}\n");
+    let e = r.unwrap_err();
+    let s = e.to_string();
+    assert!(
+        s.contains(":1:") && s.contains("name: expected a string, got a list"),
+        "{s}"
+    );
+    assert!(s.contains("base: required key \"base\" is missing"), "{s}");
+    assert!(s.contains("provision.playbook: required key"), "{s}");
+}
+
+#[test]
+fn lists_and_mappings_say_what_they_hold() {
+    let (_d, r) = load_str(&format!(
+        "{MINIMAL}image:\n  cmd: /bin/true\n  expose: 80\n  labels: [a]\n"
+    ));
+    let s = r.unwrap_err().to_string();
+    assert!(
+        s.contains("image.cmd: expected a list of strings, got a string"),
+        "{s}"
+    );
+    assert!(
+        s.contains("image.expose: expected a list of ports, got an integer"),
+        "{s}"
+    );
+    assert!(
+        s.contains("image.labels: expected a mapping, got a list"),
+        "{s}"
+    );
+}
+
+#[test]
+fn integers_are_range_checked_before_narrowing() {
+    let (_d, r) = load_str(&format!("{MINIMAL}layer:\n  level: 4294967302\n"));
+    let e = r.unwrap_err();
+    let p = &e.problems()[0];
+    assert_eq!((p.line, p.key.as_str()), (6, "layer.level"), "{e}");
+    assert!(p.message.contains("out of range"), "{e}");
+    let (_d, r) = load_str(&format!("{MINIMAL}layer:\n  level: 4294967296\n"));
+    assert!(r.is_err(), "4294967296 must not wrap to 0");
+    let (_d, r) = load_str(&format!(
+        "{MINIMAL}layer:\n  compression: zstd\n  level: 19\n"
+    ));
+    assert_eq!(r.unwrap().layer_settings().level, Some(19));
+    let (_d, r) = load_str(&format!("{MINIMAL}layer:\n  level: 12\n"));
+    assert!(r
+        .unwrap_err()
+        .to_string()
+        .contains("out of range 0..=9 for gzip"));
+}
+
+#[test]
+fn duplicate_keys_and_bad_values_are_problems() {
+    let (_d, r) = load_str(&format!(
+        "{MINIMAL}layer:\n  compression: brotli\nimage:\n  env: {{ \"A=B\": x }}\n  stop_signal: SIGNOPE\n"
+    ));
+    let s = r.unwrap_err().to_string();
+    assert!(
+        s.contains("layer.compression: unknown value \"brotli\""),
+        "{s}"
+    );
+    assert!(
+        s.contains("image.env.A=B: invalid environment variable name"),
+        "{s}"
+    );
+    assert!(s.contains("image.stop_signal: unknown signal"), "{s}");
+    let (_d, r) = load_str(&format!("{MINIMAL}  extra_vars: {{ a: 1, a: 2 }}\n"));
+    assert!(r.is_err(), "a repeated key must not pass silently");
+}
+
+#[test]
+fn variables_defaults_overrides_and_env() {
+    let d = tempfile::tempdir().unwrap();
+    write(d.path(), "pb.yml", "- hosts: all\n");
+    let p = write(
+        d.path(),
+        "image.yaml",
+        "name: app\nvariables: { tag: v1, reg: \"127.0.0.1:5000\" }\nbase: ${reg}/debian:${flavour:-bookworm}\nprovision: { playbook: pb.yml, extra_vars: { t: \"${tag}\", n: [1, \"$${lit}\"] } }\ntarget: { repository: \"${reg}/app\", tags: [\"${tag}\"] }\n",
+    );
+    let vf = write(d.path(), "vars.yml", "tag: v2\n");
+    let ov = Overrides {
+        vars: vec![("flavour".into(), "trixie".into())],
+        var_files: vec![vf],
+    };
+    let s = load(&p, &ov).unwrap();
+    assert_eq!(s.base, "127.0.0.1:5000/debian:trixie");
+    assert_eq!(s.local_ref(), "app:v2");
+    let ev = s.provision.extra_vars.as_ref().unwrap();
+    assert_eq!(ev["t"], "v2");
+    assert_eq!(ev["n"][1], "${lit}");
+}
+
+#[test]
+fn values_from_the_environment_or_a_var_file_are_redacted() {
+    let d = tempfile::tempdir().unwrap();
+    write(d.path(), "pb.yml", "- hosts: all\n");
+    // SAFETY: test-only variable with a unique name; no other test reads it.
+    unsafe { std::env::set_var("WPIMG_TEST_DB_PASSWORD_7731", "hunter2-env") };
+    let p = write(
+        d.path(),
+        "image.yaml",
+        "name: app\nbase: 127.0.0.1:5000/debian:bookworm\nvariables:\n  db_pass: ${WPIMG_TEST_DB_PASSWORD_7731}\n  plain: shown\nprovision:\n  playbook: pb.yml\n  extra_vars: { db_password: \"${db_pass}\", api: \"${api_token}\", who: \"${plain}\" }\n  env: { TOKEN: \"${api_token}\" }\n",
+    );
+    let vf = write(d.path(), "secrets.yml", "api_token: tok-from-file\n");
+    let ov = Overrides {
+        vars: vec![("cli".into(), "from-flag".into())],
+        var_files: vec![vf],
+    };
+    let s = load(&p, &ov).unwrap();
+    let json = s.redacted_json();
+    let text = json.to_string();
+    for secret in ["hunter2-env", "tok-from-file"] {
+        assert!(!text.contains(secret), "{secret} shown: {text}");
+    }
+    assert_eq!(json["provision"]["extra_vars"]["db_password"], REDACTED);
+    assert_eq!(json["provision"]["extra_vars"]["api"], REDACTED);
+    assert_eq!(json["provision"]["env"]["TOKEN"], REDACTED);
+    assert_eq!(json["variables"]["db_pass"], REDACTED);
+    assert_eq!(json["variables"]["api_token"], REDACTED);
+    // Values from image.yaml itself or --var stay visible.
+    assert_eq!(json["provision"]["extra_vars"]["who"], "shown");
+    assert_eq!(json["variables"]["plain"], "shown");
+    assert_eq!(json["variables"]["cli"], "from-flag");
+    // The build still gets the real values.
+    assert_eq!(
+        s.provision.extra_vars.as_ref().unwrap()["db_password"],
+        "hunter2-env"
+    );
+    assert_eq!(s.shown(&KeyPath::of("base"), &s.base), s.base);
+    let pw = KeyPath::of("provision.extra_vars.db_password");
+    assert_eq!(s.shown(&pw, "hunter2-env"), REDACTED);
+}
+
+#[test]
+fn problems_do_not_quote_secret_values() {
+    let d = tempfile::tempdir().unwrap();
+    write(d.path(), "pb.yml", "- hosts: all\n");
+    let vf = write(d.path(), "v.yml", "tag: \"s3cret tag!\"\n");
+    let p = write(
+        d.path(),
+        "image.yaml",
+        &format!("{MINIMAL}target:\n  repository: 127.0.0.1:5000/app\n  tags: [\"${{tag}}\"]\n"),
+    );
+    let ov = Overrides {
+        vars: vec![],
+        var_files: vec![vf],
+    };
+    let e = load(&p, &ov).unwrap_err().to_string();
+    assert!(e.contains("target.tags[0]: invalid tag <redacted>"), "{e}");
+    assert!(!e.contains("s3cret"), "{e}");
+}
+
+#[test]
+fn yaml_syntax_error_has_location() {
+    let (_d, r) = load_str("name: app\nbase: [unclosed\n");
+    let e = r.unwrap_err();
+    assert!(e.problems()[0].line >= 2, "{e}");
+    assert!(e.to_string().contains("invalid YAML"), "{e}");
+}
+
+#[test]
+fn not_a_mapping_is_one_problem() {
+    let (_d, r) = load_str("- a\n- b\n");
+    let e = r.unwrap_err();
+    assert_eq!(e.problems().len(), 1, "{e}");
+    assert!(
+        e.to_string().contains("expected a mapping, got a list"),
+        "{e}"
+    );
+}
+
+#[test]
+fn json_schema_describes_every_key() {
+    let schema = json_schema();
+    let props = &schema["properties"];
+    for k in [
+        "name",
+        "base",
+        "platform",
+        "variables",
+        "provision",
+        "image",
+        "layer",
+        "target",
+    ] {
+        assert!(props.get(k).is_some(), "{k} missing from {schema}");
+    }
+    assert!(props.get("source").is_none());
+    assert_eq!(
+        schema["required"],
+        serde_json::json!(["name", "base", "provision"])
+    );
+    assert_eq!(schema["additionalProperties"], false);
+    let text = schema.to_string();
+    assert!(text.contains("Required: the playbook"), "{text}");
+    assert!(
+        text.contains("\"gzip\"") && text.contains("\"zstd\""),
+        "{text}"
+    );
+    assert!(text.contains("draft-07"), "{text}");
+}
