@@ -788,24 +788,13 @@ impl RepoStatus {
     }
 }
 
-/// `*` matches any run of characters; everything else literally.
+/// ECR's tag filters: `*` matches any run of characters; everything else literally.
 fn wildcard_match(pattern: &str, s: &str) -> bool {
-    let parts: Vec<&str> = pattern.split('*').collect();
-    if parts.len() == 1 {
-        return pattern == s;
-    }
-    let (first, last) = (parts[0], parts[parts.len() - 1]);
-    if !s.starts_with(first) || s.len() < first.len() + last.len() || !s.ends_with(last) {
-        return false;
-    }
-    let mut rest = &s[first.len()..s.len() - last.len()];
-    for mid in &parts[1..parts.len() - 1] {
-        match rest.find(mid) {
-            Some(i) => rest = &rest[i + mid.len()..],
-            None => return false,
-        }
-    }
-    true
+    let literal: Vec<String> = pattern.split('*').map(globset::escape).collect();
+    globset::GlobBuilder::new(&literal.join("*"))
+        .literal_separator(false)
+        .build()
+        .is_ok_and(|g| g.compile_matcher().is_match(s))
 }
 
 /// What a tag holds in the repository.
@@ -1657,6 +1646,9 @@ mod tests {
         assert!(
             wildcard_match("*", "") && wildcard_match("v1", "v1") && !wildcard_match("v1", "v12")
         );
+        // Only `*` is special; `?`, `[` and `.` match themselves.
+        assert!(wildcard_match("v?.[1]*", "v?.[1]-rc") && !wildcard_match("v?", "v1"));
+        assert!(wildcard_match("sha256-*.sig", "sha256-ab.sig"));
     }
 
     #[test]

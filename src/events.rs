@@ -95,15 +95,6 @@ impl Reporter for NullReporter {
     fn event(&self, _e: Event) {}
 }
 
-/// A reporter that forwards to a closure.
-pub struct FnReporter<F: Fn(Event) + Send + Sync>(pub F);
-
-impl<F: Fn(Event) + Send + Sync> Reporter for FnReporter<F> {
-    fn event(&self, e: Event) {
-        (self.0)(e)
-    }
-}
-
 /// A null reporter handle.
 pub fn null() -> SharedReporter {
     Arc::new(NullReporter)

@@ -321,15 +321,6 @@ impl Layout {
         Ok(())
     }
 
-    /// Remove leftovers of interrupted writes.
-    pub fn clean_ingest(&self) -> Result<(), LayoutError> {
-        let ingest = self.dir.join("ingest");
-        if ingest.is_dir() {
-            fs::remove_dir_all(&ingest)?;
-        }
-        Ok(())
-    }
-
     fn lock(&self) -> Result<FileLock, LayoutError> {
         Ok(FileLock::exclusive(&self.dir.join("index.json.lock"))?)
     }

@@ -75,26 +75,6 @@ impl Reference {
         s.parse()
     }
 
-    /// A reference from parts; the repository and tag are validated.
-    pub fn new(
-        registry: &str,
-        repository: &str,
-        tag: Option<&str>,
-    ) -> Result<Self, ReferenceError> {
-        let text = match tag {
-            Some(t) => format!("{registry}/{repository}:{t}"),
-            None => format!("{registry}/{repository}"),
-        };
-        let r: Reference = text.parse()?;
-        if r.registry != registry || r.repository != repository {
-            return Err(ReferenceError {
-                reference: text,
-                reason: "registry and repository do not round-trip".into(),
-            });
-        }
-        Ok(r)
-    }
-
     /// Host (and port) to send API requests to (`registry-1.docker.io` for Docker Hub).
     pub fn api_host(&self) -> &str {
         api_host(&self.registry)
@@ -108,11 +88,6 @@ impl Reference {
             (None, Some(t)) => t.clone(),
             (None, None) => DEFAULT_TAG.to_string(),
         }
-    }
-
-    /// The tag, or `latest` when none was given.
-    pub fn tag_or_latest(&self) -> &str {
-        self.tag.as_deref().unwrap_or(DEFAULT_TAG)
     }
 
     /// `registry/repository`, the key used to remember where blobs came from.

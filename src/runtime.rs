@@ -11,7 +11,6 @@ use bollard::models::{ContainerConfig, ContainerCreateBody, HostConfig};
 use bollard::query_parameters::{
     CommitContainerOptionsBuilder, CreateContainerOptionsBuilder, ImportImageOptionsBuilder,
     KillContainerOptionsBuilder, ListContainersOptionsBuilder, RemoveContainerOptionsBuilder,
-    TagImageOptionsBuilder,
 };
 use bollard::Docker;
 use bytes::Bytes;
@@ -122,8 +121,6 @@ pub trait Engine: Send + Sync {
     async fn image_exists(&self, image: &str) -> Result<bool, RuntimeError>;
     /// Load a docker-archive tar (`docker load`).
     async fn load(&self, archive: ByteStream) -> Result<(), RuntimeError>;
-    /// Tag an image.
-    async fn tag(&self, image: &str, repo: &str, tag: &str) -> Result<(), RuntimeError>;
     /// Create and start a keep-alive container; returns its ID.
     async fn start_keepalive(&self, spec: &ContainerSpec) -> Result<String, RuntimeError>;
     /// Stop a container's processes (SIGKILL), keeping its filesystem.
@@ -370,17 +367,6 @@ impl Engine for DockerEngine {
         Ok(())
     }
 
-    async fn tag(&self, image: &str, repo: &str, tag: &str) -> Result<(), RuntimeError> {
-        let opts = TagImageOptionsBuilder::default()
-            .repo(repo)
-            .tag(tag)
-            .build();
-        self.docker
-            .tag_image(image, Some(opts))
-            .await
-            .map_err(api(format!("tag {image} as {repo}:{tag}")))
-    }
-
     async fn start_keepalive(&self, spec: &ContainerSpec) -> Result<String, RuntimeError> {
         let mut opts = CreateContainerOptionsBuilder::default().name(&spec.name);
         if let Some(p) = &spec.platform {
@@ -562,10 +548,6 @@ impl Engine for FakeEngine {
             n += b?.len();
         }
         self.record(format!("load {n}"));
-        Ok(())
-    }
-    async fn tag(&self, image: &str, repo: &str, tag: &str) -> Result<(), RuntimeError> {
-        self.record(format!("tag {image} {repo}:{tag}"));
         Ok(())
     }
     async fn start_keepalive(&self, spec: &ContainerSpec) -> Result<String, RuntimeError> {

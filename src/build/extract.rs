@@ -50,8 +50,7 @@ impl Extraction<'_> {
                 let info = tokio::task::spawn_blocking(move || {
                     crate::layer::layer_from_dir(&dir, &layout, &opts)
                 })
-                .await
-                .map_err(|e| BuildError::Task(e.to_string()))??;
+                .await??;
                 Ok((info, LayerSource::Upperdir))
             }
             None => Ok((self.via_api(container, opts).await?, LayerSource::Api)),
@@ -120,7 +119,6 @@ impl Extraction<'_> {
             })?;
             Ok(info?)
         })
-        .await
-        .map_err(|e| BuildError::Task(e.to_string()))?
+        .await?
     }
 }

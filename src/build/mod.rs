@@ -93,8 +93,8 @@ pub enum BuildError {
     #[error("interrupted; build container removed")]
     Interrupted,
     /// A worker thread failed.
-    #[error("internal: {0}")]
-    Task(String),
+    #[error("a worker thread failed")]
+    Task(#[from] tokio::task::JoinError),
     /// Local I/O.
     #[error(transparent)]
     Io(#[from] std::io::Error),

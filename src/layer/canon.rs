@@ -218,34 +218,31 @@ impl<W: Write> TarWriter<W> {
         pax.sort();
         if !pax.is_empty() {
             let records = pax_records(&pax);
-            let h = header(
-                b"././@PaxHeader",
-                0o644,
-                0,
-                0,
-                records.len() as u64,
-                0,
-                b'x',
-                b"",
-                0,
-                0,
-            );
+            let h = Ustar {
+                name: b"././@PaxHeader",
+                mode: 0o644,
+                size: records.len() as u64,
+                typeflag: b'x',
+                ..Ustar::default()
+            }
+            .block();
             self.w.write_all(&h).map_err(AppendError::Out)?;
             self.w.write_all(&records).map_err(AppendError::Out)?;
             self.pad(records.len() as u64)?;
         }
-        let h = header(
-            &name[..name.len().min(100)],
-            e.mode & 0o7777,
+        let h = Ustar {
+            name: &name[..name.len().min(100)],
+            mode: e.mode & 0o7777,
             uid,
             gid,
             size,
             mtime,
             typeflag,
-            &link[..link.len().min(100)],
-            e.dev_major,
-            e.dev_minor,
-        );
+            link: &link[..link.len().min(100)],
+            major: e.dev_major,
+            minor: e.dev_minor,
+        }
+        .block();
         self.w.write_all(&h).map_err(AppendError::Out)?;
         if e.kind == Kind::Regular && e.size > 0 {
             let data = data.ok_or(AppendError::Short(0))?;
@@ -314,37 +311,44 @@ fn pax_records(recs: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
     out
 }
 
-#[allow(clippy::too_many_arguments)]
-fn header(
-    name: &[u8],
+/// The fields of one ustar header block (names and links at most 100 bytes: longer ones go in
+/// a PAX header first).
+#[derive(Default)]
+struct Ustar<'a> {
+    name: &'a [u8],
     mode: u32,
     uid: u64,
     gid: u64,
     size: u64,
     mtime: u64,
     typeflag: u8,
-    link: &[u8],
+    link: &'a [u8],
     major: u32,
     minor: u32,
-) -> [u8; BLOCK] {
-    let mut h = [0u8; BLOCK];
-    h[..name.len()].copy_from_slice(name);
-    octal(&mut h[100..108], mode as u64);
-    octal(&mut h[108..116], uid);
-    octal(&mut h[116..124], gid);
-    octal(&mut h[124..136], size);
-    octal(&mut h[136..148], mtime);
-    h[156] = typeflag;
-    h[157..157 + link.len()].copy_from_slice(link);
-    h[257..263].copy_from_slice(b"ustar\0");
-    h[263..265].copy_from_slice(b"00");
-    octal(&mut h[329..337], major as u64);
-    octal(&mut h[337..345], minor as u64);
-    h[148..156].copy_from_slice(b"        ");
-    let sum: u64 = h.iter().map(|b| *b as u64).sum();
-    octal(&mut h[148..155], sum);
-    h[155] = b' ';
-    h
+}
+
+impl Ustar<'_> {
+    /// The 512-byte header block, checksum included.
+    fn block(&self) -> [u8; BLOCK] {
+        let mut h = [0u8; BLOCK];
+        h[..self.name.len()].copy_from_slice(self.name);
+        octal(&mut h[100..108], self.mode as u64);
+        octal(&mut h[108..116], self.uid);
+        octal(&mut h[116..124], self.gid);
+        octal(&mut h[124..136], self.size);
+        octal(&mut h[136..148], self.mtime);
+        h[156] = self.typeflag;
+        h[157..157 + self.link.len()].copy_from_slice(self.link);
+        h[257..263].copy_from_slice(b"ustar\0");
+        h[263..265].copy_from_slice(b"00");
+        octal(&mut h[329..337], self.major as u64);
+        octal(&mut h[337..345], self.minor as u64);
+        h[148..156].copy_from_slice(b"        ");
+        let sum: u64 = h.iter().map(|b| *b as u64).sum();
+        octal(&mut h[148..155], sum);
+        h[155] = b' ';
+        h
+    }
 }
 
 /// Zero-padded octal digits filling all but the last byte of `field`, then NUL.

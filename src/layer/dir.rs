@@ -3,7 +3,7 @@
 //! (`trusted.overlay.opaque=y`) into OCI whiteouts.
 
 use std::collections::HashMap;
-use std::ffi::{CString, OsStr};
+use std::ffi::OsStr;
 use std::io;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -236,59 +236,24 @@ impl<W: io::Write> Walk<'_, W> {
 
 /// All xattrs of a path (not following symlinks), unsorted.
 fn list_xattrs(path: &Path) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
-    let c = CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
-    let names = xattr_call(|buf, len| {
-        // SAFETY: c is a valid C string; buf/len describe a writable buffer (or null/0).
-        unsafe { libc::llistxattr(c.as_ptr(), buf as *mut libc::c_char, len) }
-    })?;
+    let names = match xattr::list(path) {
+        Ok(names) => names,
+        Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
     let mut out = Vec::new();
-    for name in names.split(|b| *b == 0).filter(|n| !n.is_empty()) {
-        let cn = CString::new(name)
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "bad xattr name"))?;
-        let value = xattr_call(|buf, len| {
-            // SAFETY: as above.
-            unsafe { libc::lgetxattr(c.as_ptr(), cn.as_ptr(), buf as *mut libc::c_void, len) }
-        });
-        match value {
-            Ok(v) => out.push((name.to_vec(), v)),
+    for name in names {
+        match xattr::get(path, &name) {
+            Ok(Some(value)) => out.push((name.as_bytes().to_vec(), value)),
             // Removed meanwhile.
-            Err(e) if e.raw_os_error() == Some(libc::ENODATA) => {}
+            Ok(None) => {}
             Err(e) => {
                 return Err(io::Error::new(
                     e.kind(),
-                    format!("read xattr {}: {e}", String::from_utf8_lossy(name)),
+                    format!("read xattr {}: {e}", name.to_string_lossy()),
                 ))
             }
         }
     }
     Ok(out)
-}
-
-/// Size-then-fetch loop for the l*xattr calls.
-fn xattr_call(f: impl Fn(*mut u8, usize) -> isize) -> io::Result<Vec<u8>> {
-    loop {
-        let n = f(std::ptr::null_mut(), 0);
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            return match e.raw_os_error() {
-                Some(libc::ENOTSUP) => Ok(Vec::new()),
-                _ => Err(e),
-            };
-        }
-        let mut buf = vec![0u8; n as usize];
-        if n == 0 {
-            return Ok(buf);
-        }
-        let m = f(buf.as_mut_ptr(), buf.len());
-        if m < 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::ERANGE) {
-                continue;
-            }
-            return Err(e);
-        }
-        buf.truncate(m as usize);
-        return Ok(buf);
-    }
 }

@@ -270,18 +270,6 @@ pub fn layer_from_tar_file(
     tarin::from_file(path, layout, opts)
 }
 
-/// Build a layer from a seekable uncompressed layer tar (e.g. a window onto a `docker save`
-/// archive); like [`layer_from_tar_file`], nothing is spooled. `name` appears in errors.
-pub fn layer_from_tar_seekable(
-    mut r: impl Read + std::io::Seek,
-    name: &Path,
-    layout: &Layout,
-    opts: &LayerOptions,
-) -> Result<LayerInfo, LayerError> {
-    let x = exclude::Excluder::new(&opts.excludes)?;
-    tarin::from_seekable(&mut r, name, layout, opts, &x)
-}
-
 /// Build a layer from an overlayfs upper directory (Docker overlay2's `GraphDriver.Data.UpperDir`
 /// of a stopped container), converting overlayfs whiteouts and opaque directories to OCI ones.
 pub fn layer_from_dir(

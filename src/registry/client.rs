@@ -295,11 +295,6 @@ impl Client {
         })
     }
 
-    /// The options in effect.
-    pub fn options(&self) -> &ClientOptions {
-        &self.opts
-    }
-
     /// HTTP requests sent so far (including token requests and retries).
     pub fn requests_sent(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
@@ -501,15 +496,37 @@ impl Client {
         refresh: bool,
         reporter: &SharedReporter,
     ) -> Result<(Secret, Duration), RegistryError> {
+        let req = TokenRequest {
+            repo,
+            realm,
+            service,
+            scopes,
+            op: format!("get token from {}", realm.host_str().unwrap_or("realm")),
+        };
+        self.with_retries(&req.op, reporter, || self.token_once(&req, refresh))
+            .await
+    }
+
+    /// One token request; credentials the realm refuses are refreshed once.
+    async fn token_once(
+        &self,
+        req: &TokenRequest<'_>,
+        refresh: bool,
+    ) -> Result<(Secret, Duration), RegistryError> {
         #[derive(Deserialize)]
         struct TokenAnswer {
             token: Option<String>,
             access_token: Option<String>,
             expires_in: Option<u64>,
         }
-        let op = format!("get token from {}", realm.host_str().unwrap_or("realm"));
+        let TokenRequest {
+            repo,
+            realm,
+            service,
+            scopes,
+            op,
+        } = req;
         let mut refreshed = refresh;
-        let mut attempt = 1;
         loop {
             let cred = self.credential(&repo.registry, refreshed).await?;
             let rb = match &cred {
@@ -523,18 +540,18 @@ impl Client {
                         form.append_pair("service", s);
                     }
                     self.http
-                        .post(realm.clone())
+                        .post((*realm).clone())
                         .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
                         .body(form.finish())
                 }
                 _ => {
-                    let mut u = realm.clone();
+                    let mut u = (*realm).clone();
                     {
                         let mut q = u.query_pairs_mut();
                         if let Some(s) = service {
                             q.append_pair("service", s);
                         }
-                        for s in scopes {
+                        for s in scopes.iter() {
                             q.append_pair("scope", s);
                         }
                     }
@@ -546,51 +563,38 @@ impl Client {
                 }
             };
             self.requests.fetch_add(1, Ordering::Relaxed);
-            let err = match rb.send().await {
-                Ok(resp) if resp.status().is_success() => {
-                    let body = resp.bytes().await.map_err(|e| RegistryError::Transport {
-                        repository: repo.name.clone(),
-                        operation: op.clone(),
-                        source: e.without_url(),
-                    })?;
-                    let t: TokenAnswer = serde_json::from_slice(&body).map_err(|e| {
-                        repo.protocol(
-                            &op,
-                            format!("token answer is not the expected JSON (line {})", e.line()),
-                        )
-                    })?;
-                    let token = t
-                        .token
-                        .filter(|t| !t.is_empty())
-                        .or(t.access_token.filter(|t| !t.is_empty()))
-                        .ok_or_else(|| repo.protocol(&op, "token answer has no token".into()))?;
-                    let ttl = Duration::from_secs(t.expires_in.unwrap_or(60).max(60) - 10);
-                    return Ok((Secret::new(token), ttl));
-                }
-                Ok(resp) => {
-                    let status = resp.status();
-                    let e = error_from_response(resp, &repo.name, &op).await;
-                    if (status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN)
-                        && !refreshed
-                        && !cred.is_anonymous()
-                    {
-                        refreshed = true;
-                        continue;
-                    }
-                    e
-                }
-                Err(e) => RegistryError::Transport {
-                    repository: repo.name.clone(),
-                    operation: op.clone(),
-                    source: e.without_url(),
-                },
+            let transport = |e: reqwest::Error| RegistryError::Transport {
+                repository: repo.name.clone(),
+                operation: op.clone(),
+                source: e.without_url(),
             };
-            if err.is_temporary() && attempt < self.opts.retry.max_attempts {
-                self.pause(attempt, &op, &err, reporter).await;
-                attempt += 1;
-                continue;
+            let resp = rb.send().await.map_err(transport)?;
+            if !resp.status().is_success() {
+                let status = resp.status();
+                let e = error_from_response(resp, &repo.name, op).await;
+                if (status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN)
+                    && !refreshed
+                    && !cred.is_anonymous()
+                {
+                    refreshed = true;
+                    continue;
+                }
+                return Err(e);
             }
-            return Err(err);
+            let body = resp.bytes().await.map_err(transport)?;
+            let t: TokenAnswer = serde_json::from_slice(&body).map_err(|e| {
+                repo.protocol(
+                    op,
+                    format!("token answer is not the expected JSON (line {})", e.line()),
+                )
+            })?;
+            let token = t
+                .token
+                .filter(|t| !t.is_empty())
+                .or(t.access_token.filter(|t| !t.is_empty()))
+                .ok_or_else(|| repo.protocol(op, "token answer has no token".into()))?;
+            let ttl = Duration::from_secs(t.expires_in.unwrap_or(60).max(60) - 10);
+            return Ok((Secret::new(token), ttl));
         }
     }
 
@@ -639,7 +643,8 @@ impl Client {
     }
 
     /// Send a request built by `build` (called again for each attempt), answering auth
-    /// challenges and, when `retry` is set, retrying temporary failures.
+    /// challenges and, when `retry` is set, retrying temporary failures (an answer still
+    /// temporary after the last attempt is returned as its error).
     pub(crate) async fn send<F>(
         &self,
         repo: &Repo,
@@ -652,8 +657,37 @@ impl Client {
     where
         F: Fn(&reqwest::Client) -> Result<reqwest::RequestBuilder, RegistryError>,
     {
+        if !retry {
+            return self.send_once(repo, scopes, op, reporter, &build).await;
+        }
+        self.with_retries(op, reporter, || async {
+            let resp = self.send_once(repo, scopes, op, reporter, &build).await?;
+            let status = resp.status();
+            if status.is_server_error()
+                || status == StatusCode::TOO_MANY_REQUESTS
+                || status == StatusCode::REQUEST_TIMEOUT
+            {
+                return Err(error_from_response(resp, &repo.name, op).await);
+            }
+            Ok(resp)
+        })
+        .await
+    }
+
+    /// One request, answering the registry's auth challenges (learning the challenge, adding
+    /// scopes it names, refreshing refused credentials once).
+    async fn send_once<F>(
+        &self,
+        repo: &Repo,
+        scopes: &[String],
+        op: &str,
+        reporter: &SharedReporter,
+        build: &F,
+    ) -> Result<reqwest::Response, RegistryError>
+    where
+        F: Fn(&reqwest::Client) -> Result<reqwest::RequestBuilder, RegistryError>,
+    {
         let mut scopes: Vec<String> = scopes.to_vec();
-        let mut attempt = 1;
         let mut auth_rounds = 0;
         let mut refresh = false;
         let mut refreshed = false;
@@ -666,76 +700,67 @@ impl Client {
                 rb = rb.header(AUTHORIZATION, sensitive(a));
             }
             self.requests.fetch_add(1, Ordering::Relaxed);
-            let resp = match rb.send().await {
-                Ok(r) => r,
-                Err(e) => {
-                    let err = RegistryError::Transport {
-                        repository: repo.name.clone(),
-                        operation: op.to_string(),
-                        source: e.without_url(),
-                    };
-                    if retry && err.is_temporary() && attempt < self.opts.retry.max_attempts {
-                        self.pause(attempt, op, &err, reporter).await;
-                        attempt += 1;
-                        continue;
-                    }
-                    return Err(err);
-                }
-            };
-            let status = resp.status();
-            if status == StatusCode::UNAUTHORIZED && auth_rounds < 4 {
-                let parsed = resp
-                    .headers()
-                    .get_all(WWW_AUTHENTICATE)
-                    .iter()
-                    .filter_map(|v| v.to_str().ok())
-                    .find_map(parse_www_authenticate);
-                if let Some((ch, scope)) = parsed {
-                    auth_rounds += 1;
-                    if let Some(s) = scope {
-                        for s in s.split(' ').filter(|s| !s.is_empty()) {
-                            // Same resource already asked for (maybe with more actions): keep ours.
-                            let resource = s.rsplit_once(':').map_or(s, |(r, _)| r);
-                            if !scopes.iter().any(|x| {
-                                x.rsplit_once(':').map_or(x.as_str(), |(r, _)| r) == resource
-                            }) {
-                                scopes.push(s.to_string());
-                            }
-                        }
-                    }
-                    let known = self.state().challenges.get(&repo.registry).cloned();
-                    if known.as_ref() != Some(&ch) {
-                        self.state().challenges.insert(repo.registry.clone(), ch);
-                        continue;
-                    }
-                    if auth.is_none() && !retried_unauthenticated {
-                        // Another transfer learnt the challenge while this request was underway.
-                        retried_unauthenticated = true;
-                        continue;
-                    }
-                    if !refreshed {
-                        // Our credentials or token were refused: ask the provider for fresh ones.
-                        refreshed = true;
-                        refresh = true;
-                        continue;
-                    }
-                }
-                return Err(error_from_response(resp, &repo.name, op).await);
+            let resp = rb.send().await.map_err(|e| RegistryError::Transport {
+                repository: repo.name.clone(),
+                operation: op.to_string(),
+                source: e.without_url(),
+            })?;
+            if resp.status() != StatusCode::UNAUTHORIZED || auth_rounds >= 4 {
+                return Ok(resp);
             }
-            if retry
-                && (status.is_server_error()
-                    || status == StatusCode::TOO_MANY_REQUESTS
-                    || status == StatusCode::REQUEST_TIMEOUT)
-                && attempt < self.opts.retry.max_attempts
+            let parsed = resp
+                .headers()
+                .get_all(WWW_AUTHENTICATE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .find_map(parse_www_authenticate);
+            let Some((ch, scope)) = parsed else {
+                return Err(error_from_response(resp, &repo.name, op).await);
+            };
+            auth_rounds += 1;
+            for s in scope
+                .iter()
+                .flat_map(|s| s.split(' '))
+                .filter(|s| !s.is_empty())
             {
-                let err = error_from_response(resp, &repo.name, op).await;
-                self.pause(attempt, op, &err, reporter).await;
-                attempt += 1;
+                // Same resource already asked for (maybe with more actions): keep ours.
+                let resource = s.rsplit_once(':').map_or(s, |(r, _)| r);
+                if !scopes
+                    .iter()
+                    .any(|x| x.rsplit_once(':').map_or(x.as_str(), |(r, _)| r) == resource)
+                {
+                    scopes.push(s.to_string());
+                }
+            }
+            let known = self.state().challenges.get(&repo.registry).cloned();
+            if known.as_ref() != Some(&ch) {
+                self.state().challenges.insert(repo.registry.clone(), ch);
                 continue;
             }
-            return Ok(resp);
+            if auth.is_none() && !retried_unauthenticated {
+                // Another transfer learnt the challenge while this request was underway.
+                retried_unauthenticated = true;
+                continue;
+            }
+            if !refreshed {
+                // Our credentials or token were refused: ask the provider for fresh ones.
+                refreshed = true;
+                refresh = true;
+                continue;
+            }
+            return Err(error_from_response(resp, &repo.name, op).await);
         }
     }
+}
+
+/// A token request to a realm.
+struct TokenRequest<'a> {
+    repo: &'a Repo,
+    realm: &'a Url,
+    service: Option<&'a str>,
+    scopes: &'a [String],
+    /// `get token from HOST`, in errors and retry notes.
+    op: String,
 }
 
 /// A header value marked sensitive (hyper keeps it out of its debug output).

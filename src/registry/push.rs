@@ -138,6 +138,15 @@ fn with_digest(u: &Url, d: &Digest) -> Url {
     u
 }
 
+/// One blob being uploaded from the layout.
+struct Upload<'a> {
+    repo: &'a Repo,
+    scopes: &'a [String],
+    path: &'a Path,
+    desc: &'a Descriptor,
+    progress: &'a Progress,
+}
+
 /// Whether an answer to a monolithic PUT means "this registry wants chunks".
 fn refuses_monolithic(e: &RegistryError) -> bool {
     let RegistryError::Api { status, .. } = e else {
@@ -496,14 +505,17 @@ impl Client {
             }
         };
         let path = layout.blob_path(digest);
+        let up = Upload {
+            repo,
+            scopes: &scopes,
+            path: &path,
+            desc,
+            progress,
+        };
         if self.uses_chunked(&repo.registry) {
-            self.upload_chunked(repo, &scopes, session, &path, desc, progress, reporter)
-                .await?;
+            self.upload_chunked(&up, session, reporter).await?;
         } else {
-            match self
-                .upload_monolithic(repo, &scopes, &session, &path, desc, progress, reporter)
-                .await
-            {
+            match self.upload_monolithic(&up, &session, reporter).await {
                 Ok(()) => {}
                 Err(e) if refuses_monolithic(&e) => {
                     reporter.event(Event::Note {
@@ -516,8 +528,7 @@ impl Client {
                     let session = self
                         .start_upload(repo, &scopes, &format!("blob {digest}"), reporter)
                         .await?;
-                    self.upload_chunked(repo, &scopes, session, &path, desc, progress, reporter)
-                        .await?;
+                    self.upload_chunked(&up, session, reporter).await?;
                 }
                 Err(e) => return Err(e),
             }
@@ -544,17 +555,19 @@ impl Client {
         repo.resolve_location(&op, resp.headers().get(LOCATION))
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn upload_monolithic(
         &self,
-        repo: &Repo,
-        scopes: &[String],
+        up: &Upload<'_>,
         session: &Url,
-        path: &Path,
-        desc: &Descriptor,
-        progress: &Progress,
         reporter: &SharedReporter,
     ) -> Result<(), RegistryError> {
+        let Upload {
+            repo,
+            scopes,
+            path,
+            desc,
+            progress,
+        } = up;
         let op = format!("upload blob {}", desc.digest);
         let u = with_digest(session, &desc.digest);
         let size = desc.size;
@@ -572,17 +585,19 @@ impl Client {
 
     /// Chunked upload: PATCH parts of `chunk_size` (201 or 202 accepted, the offset tracked
     /// here rather than trusted from `Range`), the last part in the final PUT.
-    #[allow(clippy::too_many_arguments)]
     async fn upload_chunked(
         &self,
-        repo: &Repo,
-        scopes: &[String],
+        up: &Upload<'_>,
         mut session: Url,
-        path: &Path,
-        desc: &Descriptor,
-        progress: &Progress,
         reporter: &SharedReporter,
     ) -> Result<(), RegistryError> {
+        let Upload {
+            repo,
+            scopes,
+            path,
+            desc,
+            progress,
+        } = up;
         let chunk = self.opts.chunk_size;
         let size = desc.size;
         let mut offset = 0u64;
