@@ -20,7 +20,7 @@ use crate::auth::{
     Credential, DockerConfigProvider, Secret, SharedCredentialProvider, StaticCredential,
 };
 use crate::events::{Event, SharedReporter};
-use crate::reference::{api_host, is_loopback_host, strip_port};
+use crate::reference::{api_host, is_loopback_host, strip_port, url_without_credentials};
 
 /// Smallest chunk for chunked uploads (Amazon ECR's minimum part size); also the default.
 pub const MIN_CHUNK_SIZE: u64 = 5 * 1024 * 1024;
@@ -341,7 +341,7 @@ impl Client {
         let url = if let Some(u) = self.opts.endpoint_overrides.get(registry) {
             let bad = |reason: &str| RegistryError::BadEndpoint {
                 registry: registry.to_string(),
-                endpoint: u.to_string(),
+                endpoint: url_without_credentials(u),
                 reason: reason.to_string(),
             };
             let host = u.host_str().ok_or_else(|| bad("no host"))?;
@@ -355,7 +355,7 @@ impl Client {
                 "http" => {
                     return Err(RegistryError::InsecureRefused {
                         registry: registry.to_string(),
-                        endpoint: u.to_string(),
+                        endpoint: url_without_credentials(u),
                     })
                 }
                 _ => return Err(bad("scheme must be http or https")),
