@@ -146,12 +146,12 @@ fn variables_defaults_overrides_and_env() {
 fn values_from_the_environment_or_a_var_file_are_redacted() {
     let d = tempfile::tempdir().unwrap();
     write(d.path(), "pb.yml", "- hosts: all\n");
-    // SAFETY: test-only variable with a unique name; no other test reads it.
-    unsafe { std::env::set_var("WPIMG_TEST_DB_PASSWORD_7731", "hunter2-env") };
+    // A variable every test process has (setting one would race other tests' reads).
+    let from_env = std::env::var("PATH").unwrap();
     let p = write(
         d.path(),
         "image.yaml",
-        "name: app\nbase: 127.0.0.1:5000/debian:bookworm\nvariables:\n  db_pass: ${WPIMG_TEST_DB_PASSWORD_7731}\n  plain: shown\nprovision:\n  playbook: pb.yml\n  extra_vars: { db_password: \"${db_pass}\", api: \"${api_token}\", who: \"${plain}\" }\n  env: { TOKEN: \"${api_token}\" }\n",
+        "name: app\nbase: 127.0.0.1:5000/debian:bookworm\nvariables:\n  db_pass: ${PATH}\n  plain: shown\nprovision:\n  playbook: pb.yml\n  extra_vars: { db_password: \"${db_pass}\", api: \"${api_token}\", who: \"${plain}\" }\n  env: { TOKEN: \"${api_token}\" }\n",
     );
     let vf = write(d.path(), "secrets.yml", "api_token: tok-from-file\n");
     let ov = Overrides {
@@ -161,7 +161,7 @@ fn values_from_the_environment_or_a_var_file_are_redacted() {
     let s = load(&p, &ov).unwrap();
     let json = s.redacted_json();
     let text = json.to_string();
-    for secret in ["hunter2-env", "tok-from-file"] {
+    for secret in [from_env.as_str(), "tok-from-file"] {
         assert!(!text.contains(secret), "{secret} shown: {text}");
     }
     assert_eq!(json["provision"]["extra_vars"]["db_password"], REDACTED);
@@ -176,11 +176,11 @@ fn values_from_the_environment_or_a_var_file_are_redacted() {
     // The build still gets the real values.
     assert_eq!(
         s.provision.extra_vars.as_ref().unwrap()["db_password"],
-        "hunter2-env"
+        from_env.as_str()
     );
     assert_eq!(s.shown(&KeyPath::of("base"), &s.base), s.base);
     let pw = KeyPath::of("provision.extra_vars.db_password");
-    assert_eq!(s.shown(&pw, "hunter2-env"), REDACTED);
+    assert_eq!(s.shown(&pw, &from_env), REDACTED);
 }
 
 #[test]
