@@ -212,6 +212,27 @@ impl Layout {
         Ok(())
     }
 
+    /// Add an untagged manifest (an attachment such as an SBOM artifact) to `index.json`,
+    /// once per digest.
+    pub fn add_manifest(&self, desc: &Descriptor) -> Result<(), LayoutError> {
+        let _lock = self.lock()?;
+        let mut idx = self.index()?;
+        if idx
+            .manifests
+            .iter()
+            .any(|d| d.digest == desc.digest && !d.annotations.contains_key(ANNOTATION_REF_NAME))
+        {
+            return Ok(());
+        }
+        idx.media_type = Some(MEDIA_TYPE_OCI_INDEX.into());
+        idx.manifests.push(desc.clone());
+        write_atomic(
+            &self.dir.join("index.json"),
+            &serde_json::to_vec_pretty(&idx).unwrap_or_default(),
+        )?;
+        Ok(())
+    }
+
     /// Remove leftovers of interrupted writes.
     pub fn clean_ingest(&self) -> Result<(), LayoutError> {
         let ingest = self.dir.join("ingest");

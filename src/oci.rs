@@ -284,6 +284,9 @@ pub struct Descriptor {
     /// Alternative URLs (foreign layers).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub urls: Vec<String>,
+    /// Artifact type of the referenced manifest (OCI 1.1 artifacts such as SBOMs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact_type: Option<String>,
 }
 
 impl Descriptor {
@@ -296,6 +299,7 @@ impl Descriptor {
             platform: None,
             annotations: BTreeMap::new(),
             urls: Vec::new(),
+            artifact_type: None,
         }
     }
 }
