@@ -1,6 +1,11 @@
-//! Signing with an AWS KMS `ECC_NIST_P256` key: `Sign` with the payload's SHA-256 digest
-//! (MessageType DIGEST, ECDSA_SHA_256) and `GetPublicKey` (DER SubjectPublicKeyInfo), so CI
-//! never holds a private key. Key references follow cosign (sigstore's `awskms` provider):
+//! Signing with an AWS KMS `ECC_NIST_P256` key: `Sign` with ECDSA_SHA_256 and `GetPublicKey`
+//! (DER SubjectPublicKeyInfo), so CI never holds a private key. A payload up to KMS's 4096-byte
+//! RAW limit is sent as is (MessageType RAW: KMS hashes it with SHA-256 itself); a larger one as
+//! its SHA-256 digest (MessageType DIGEST, as cosign always does). Both give the same signature
+//! over SHA-256(payload); RAW also works with moto, whose KMS treats DIGEST as RAW and would
+//! hash the digest again (moto's `sign`: "MessageType DIGEST is not yet implemented").
+//!
+//! Key references follow cosign (sigstore's `awskms` provider):
 //! `awskms:///alias/NAME`, `awskms:///KEY-ID`, `awskms:///arn:aws:kms:REGION:ACCOUNT:key/ID`
 //! (or `:alias/NAME`), and `awskms://ENDPOINT/...` to send the API to `https://ENDPOINT`.
 //! `AWS_ENDPOINT_URL_KMS` redirects it too (the tests use moto).
@@ -19,6 +24,8 @@ use super::SignError;
 
 /// The reference scheme.
 pub const SCHEME: &str = "awskms://";
+/// Largest message KMS `Sign` takes with MessageType RAW.
+pub const MAX_RAW_MESSAGE: usize = 4096;
 
 /// A parsed `awskms://` key reference.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -194,22 +201,25 @@ impl KmsSigner {
             key: self.key.to_string(),
             message: "the answer holds no public key".into(),
         })?;
-        PublicKey::from_der(der.as_ref()).map_err(|e| SignError::Kms {
-            operation: "GetPublicKey",
+        PublicKey::from_der(der.as_ref()).map_err(|_| SignError::KmsKeySpec {
             key: self.key.to_string(),
-            message: e.to_string(),
+            spec: "not an ECDSA P-256 key".into(),
         })
     }
 
-    /// ECDSA P-256 / SHA-256 signature (DER) of `message`: KMS signs its SHA-256 digest.
+    /// ECDSA P-256 / SHA-256 signature (DER) of `message`.
     pub async fn sign(&self, message: &[u8]) -> Result<Vec<u8>, SignError> {
-        let digest = Sha256::digest(message);
+        let (body, kind) = if message.len() <= MAX_RAW_MESSAGE {
+            (message.to_vec(), MessageType::Raw)
+        } else {
+            (Sha256::digest(message).to_vec(), MessageType::Digest)
+        };
         let out = self
             .client
             .sign()
             .key_id(&self.key.key_id)
-            .message(Blob::new(digest.to_vec()))
-            .message_type(MessageType::Digest)
+            .message(Blob::new(body))
+            .message_type(kind)
             .signing_algorithm(SigningAlgorithmSpec::EcdsaSha256)
             .send()
             .await
