@@ -278,11 +278,16 @@ fn package_purged_in_a_container_is_absent() {
     let container = unique("wpimg-sbom-purge");
     let image = format!("wpimg-sbom-purged:{}", unique("t"));
     let _img = ImageGuard(image.clone());
-    ok_stdout(Command::new("docker").args([
+    let purge = run(Command::new("docker").args([
         "run", "--name", &container, BASE, "dpkg", "--purge", "python3",
     ]));
     let commit = run(Command::new("docker").args(["commit", &container, &image]));
     let _ = run(Command::new("docker").args(["rm", "-f", &container]));
+    assert!(
+        purge.status.success(),
+        "{}",
+        String::from_utf8_lossy(&purge.stderr)
+    );
     assert!(
         commit.status.success(),
         "{}",

@@ -441,3 +441,70 @@ fn kms_child() {
     assert!(e.to_string().contains("NotFound"), "{e}");
     eprintln!("kms child ok: {e}");
 }
+
+/// The SBOM goes under cosign's `.sbom` tag the way `cosign attach sbom` stores it; the OCI
+/// 1.1 artifact (with `subject`) pushes by digest to a registry without the referrers API.
+#[test]
+fn sbom_attachments_push_to_a_plain_registry() {
+    let reg = Registry::start();
+    let host = reg.host();
+    let dir = tempfile::tempdir().unwrap();
+    let layout = Layout::open_or_create(dir.path().join("oci")).unwrap();
+    let client = client();
+    let (image, digest) = push_image(&client, &layout, &host, "with-sbom", "sbom");
+    let desc = layout.resolve("with-sbom:v1").unwrap();
+    let sbom = wpimg::sbom::generate(&layout, &desc, "with-sbom").unwrap();
+    let doc = sbom.to_json(wpimg::sbom::Format::SpdxJson);
+
+    rt().block_on(remote::push_sbom_tag(
+        &client,
+        &layout,
+        &image,
+        &digest,
+        &doc,
+        wpimg::sbom::Format::SpdxJson,
+        &events::null(),
+    ))
+    .unwrap();
+    let raw = ok_stdout(Command::new("skopeo").args([
+        "inspect",
+        "--raw",
+        "--tls-verify=false",
+        &format!("docker://{host}/with-sbom:{}", cosign::sbom_tag(&digest)),
+    ]));
+    let m: serde_json::Value = serde_json::from_str(&raw).unwrap();
+    assert_eq!(m["layers"][0]["mediaType"], "text/spdx+json");
+    let blob = ok_stdout(Command::new("curl").args([
+        "-sfS",
+        &format!(
+            "http://{host}/v2/with-sbom/blobs/{}",
+            m["layers"][0]["digest"].as_str().unwrap()
+        ),
+    ]));
+    assert_eq!(blob.as_bytes(), doc.as_slice());
+
+    let artifact = wpimg::sbom::artifact::write_sbom(
+        &layout,
+        &doc,
+        wpimg::sbom::Format::SpdxJson,
+        &desc,
+        &sbom.subject.created,
+    )
+    .unwrap();
+    let by_digest = image.with_digest(artifact.digest.clone());
+    let by_digest = Reference {
+        tag: None,
+        ..by_digest
+    };
+    rt().block_on(client.push_image(&layout, &artifact, &by_digest, &[], &events::null()))
+        .unwrap();
+    let raw = ok_stdout(Command::new("skopeo").args([
+        "inspect",
+        "--raw",
+        "--tls-verify=false",
+        &format!("docker://{host}/with-sbom@{}", artifact.digest),
+    ]));
+    let m: serde_json::Value = serde_json::from_str(&raw).unwrap();
+    assert_eq!(m["artifactType"], "application/spdx+json");
+    assert_eq!(m["subject"]["digest"], digest.to_string());
+}

@@ -103,3 +103,24 @@ pub async fn verify_remote(
     let layers = fetch_signatures(client, layout, image, &digest, reporter).await?;
     Ok(super::verify(key, &digest, &layers))
 }
+
+/// Push an SBOM document under cosign's tag `sha256-<hex>.sbom` of `digest` in `image`'s
+/// repository, in the shape `cosign attach sbom` writes (one layer, `text/spdx+json` or
+/// `application/vnd.cyclonedx+json`), for registries without the referrers API.
+pub async fn push_sbom_tag(
+    client: &Client,
+    layout: &Layout,
+    image: &Reference,
+    digest: &Digest,
+    document: &[u8],
+    format: crate::sbom::Format,
+    reporter: &SharedReporter,
+) -> Result<PushReport, SignError> {
+    let media_type = crate::sbom::artifact::cosign_sbom_media_type(format);
+    let file = cosign::file_image(document.to_vec(), media_type);
+    let desc = file.write(layout)?;
+    let tag_ref = image.with_tag(&cosign::sbom_tag(digest))?;
+    Ok(client
+        .push_image(layout, &desc, &tag_ref, &[], reporter)
+        .await?)
+}
