@@ -18,4 +18,6 @@ pub mod publish;
 pub mod reference;
 pub mod registry;
 pub mod runtime;
+pub mod sbom;
+pub mod sign;
 pub mod spec;

@@ -19,4 +19,6 @@ mod push_cli;
 mod registry;
 mod registry_bench;
 mod registry_faults;
+mod sbom;
+mod sign;
 mod wordpress;
