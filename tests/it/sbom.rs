@@ -4,8 +4,6 @@
 //! committed by Docker; distroless-style whiteouts; rpm databases written by Debian's `rpm`
 //! (SQLite) and by Berkeley DB's `db5.3_load` (checked with rpm's `bdb_ro` backend); apk.
 
-
-
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::Command;

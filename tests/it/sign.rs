@@ -5,8 +5,6 @@
 //! `wpimg::sign::verify` must agree on every case: accepted, unsigned, another key, a signature
 //! for another digest.
 
-
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -361,15 +359,18 @@ fn kms_signatures_agree_with_independent_tools() {
     let reg = Registry::start();
     let home = tempfile::tempdir().unwrap();
     let text = run_child_test(
-        child_test("kms_signatures_agree_with_independent_tools", home.path())
-            .env("WPIMG_KMS_CHILD", "1")
-            .env("WPIMG_KMS_ARN", &arn)
-            .env("WPIMG_KMS_RSA_ARN", &rsa)
-            .env("WPIMG_REGISTRY", reg.host())
-            .env("AWS_ENDPOINT_URL_KMS", &moto.url)
-            .env("AWS_ACCESS_KEY_ID", "testing")
-            .env("AWS_SECRET_ACCESS_KEY", "testing-secret-key")
-            .env("AWS_REGION", "us-east-1"),
+        child_test(
+            "sign::kms_signatures_agree_with_independent_tools",
+            home.path(),
+        )
+        .env("WPIMG_KMS_CHILD", "1")
+        .env("WPIMG_KMS_ARN", &arn)
+        .env("WPIMG_KMS_RSA_ARN", &rsa)
+        .env("WPIMG_REGISTRY", reg.host())
+        .env("AWS_ENDPOINT_URL_KMS", &moto.url)
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing-secret-key")
+        .env("AWS_REGION", "us-east-1"),
     );
     assert!(
         !text.contains("testing-secret-key"),
