@@ -60,6 +60,11 @@ pub struct GlobalArgs {
     /// Trust this PEM CA bundle for registry TLS (in addition to the system roots).
     #[arg(long, global = true, value_name = "FILE")]
     pub ca_file: Option<PathBuf>,
+    /// Fail a registry request when nothing moves for this long (no answer, no byte sent or
+    /// read); retried as a temporary failure. An idle timeout: large transfers are not cut.
+    #[arg(long, global = true, value_name = "SECONDS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub registry_timeout: u64,
 }
 
 /// The commands.
@@ -437,6 +442,7 @@ fn client_options(g: &GlobalArgs, push: Option<&PushArgs>) -> crate::registry::C
     let mut o = crate::registry::ClientOptions {
         insecure_hosts: g.insecure_registries.clone(),
         ca_file: g.ca_file.clone(),
+        idle_timeout: std::time::Duration::from_secs(g.registry_timeout),
         ..Default::default()
     };
     if let Some(a) = push {
