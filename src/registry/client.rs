@@ -591,7 +591,15 @@ impl Client {
                         None,
                         MAX_TOKEN_BYTES,
                     )?;
-                    let body = bound.read(resp, &repo.name, &op).await?;
+                    let body = match bound.read(resp, &repo.name, &op).await {
+                        Ok(b) => b,
+                        Err(e) if e.is_temporary() && attempt < self.attempts_for(&e) => {
+                            self.pause(attempt, &op, &e, reporter).await;
+                            attempt += 1;
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    };
                     let t: TokenAnswer = serde_json::from_slice(&body).map_err(|e| {
                         repo.protocol(
                             &op,

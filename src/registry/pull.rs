@@ -361,23 +361,28 @@ impl Client {
         let name = manifest_name(repo, reference);
         let bound = Bound::new(&name, "manifest".into(), wanted.size, MAX_MANIFEST_BYTES)?;
         let u = repo.url(&format!("manifests/{reference}"))?;
-        let resp = self
-            .send(repo, scopes, &op, Retry::Temporary, reporter, |c| {
-                Ok(c.get(u.clone()).header(ACCEPT, MANIFEST_ACCEPT))
-            })
-            .await?;
-        let resp = expect_status(resp, &[200], &repo.name, &op).await?;
-        let content_type = resp
-            .headers()
-            .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(|s| s.split(';').next().unwrap_or(s).trim().to_string());
-        let header_digest = resp
-            .headers()
-            .get("docker-content-digest")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|s| s.trim().parse::<Digest>().ok());
-        let raw = bound.read(resp, &repo.name, &op).await?;
+        // Retried as a whole: a body can stop (or fail) after the answer came.
+        let raw = self.with_retries(&op, reporter, || async {
+            let resp = self
+                .send(repo, scopes, &op, Retry::InOperation, reporter, |c| {
+                    Ok(c.get(u.clone()).header(ACCEPT, MANIFEST_ACCEPT))
+                })
+                .await?;
+            let resp = expect_status(resp, &[200], &repo.name, &op).await?;
+            let content_type = resp
+                .headers()
+                .get(CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .map(|s| s.split(';').next().unwrap_or(s).trim().to_string());
+            let header_digest = resp
+                .headers()
+                .get("docker-content-digest")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|s| s.trim().parse::<Digest>().ok());
+            let raw = bound.read(resp, &repo.name, &op).await?;
+            Ok((raw, content_type, header_digest))
+        });
+        let (raw, content_type, header_digest) = raw.await?;
         let actual = Digest::of_bytes(&raw);
         if let Some(exp) = expected.or(header_digest.as_ref()) {
             if *exp != actual {
@@ -405,18 +410,18 @@ impl Client {
         let what = format!("config {}", desc.digest);
         let bound = Bound::new(image, what, Some(desc.size), MAX_CONFIG_BYTES)?;
         let u = repo.url(&format!("blobs/{}", desc.digest))?;
-        let resp = self
-            .send(
-                repo,
-                &[repo.pull_scope()],
-                &op,
-                Retry::Temporary,
-                reporter,
-                |c| Ok(c.get(u.clone())),
-            )
+        let scopes = [repo.pull_scope()];
+        let raw = self
+            .with_retries(&op, reporter, || async {
+                let resp = self
+                    .send(repo, &scopes, &op, Retry::InOperation, reporter, |c| {
+                        Ok(c.get(u.clone()))
+                    })
+                    .await?;
+                let resp = expect_status(resp, &[200], &repo.name, &op).await?;
+                bound.read(resp, &repo.name, &op).await
+            })
             .await?;
-        let resp = expect_status(resp, &[200], &repo.name, &op).await?;
-        let raw = bound.read(resp, &repo.name, &op).await?;
         let actual = Digest::of_bytes(&raw);
         if actual != desc.digest {
             return Err(RegistryError::DigestMismatch {
