@@ -68,6 +68,7 @@ fn assert_ok(o: &Output) {
 
 fn assert_fails(o: &Output, needles: &[&str]) {
     let e = stderr(o);
+    eprintln!("wpimg failed as expected:\n{e}");
     assert_eq!(o.status.code(), Some(1), "{e}");
     for n in needles {
         assert!(e.contains(n), "stderr lacks {n:?}:\n{e}");
@@ -482,6 +483,50 @@ fn upload_the_registry_stops_taking_fails_within_the_timeout() {
         &format!("{}/stall/push:1", reg.host()),
         None
     ));
+}
+
+#[test]
+fn ecr_push_through_a_stalling_registry_fails_within_the_timeout() {
+    use common::ecr::{wpimg_push_ecr, write_ecr_image_yaml, Moto, MOTO_ACCOUNT};
+    let moto = Moto::start();
+    let reg = Registry::start_with(RegistryOptions {
+        htpasswd: Some(("AWS".into(), format!("{MOTO_ACCOUNT}-auth-token"))),
+        tls: false,
+    });
+    let h = Hostile::start(HostileOptions {
+        upstream: Some(reg.url()),
+        rules: vec![Rule::new("POST", "/blobs/uploads/", Action::StallHeaders)],
+        ..Default::default()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let ecr_host = format!("{MOTO_ACCOUNT}.dkr.ecr.us-east-1.amazonaws.com");
+    write_ecr_image_yaml(
+        dir.path(),
+        &format!("{ecr_host}/stall"),
+        "    region: us-east-1\n    create_repository: true\n",
+    );
+    let oci_dir = dir.path().join(".wpimg/oci");
+    let layout = Layout::open_or_create(&oci_dir).unwrap();
+    random_image(&layout, "app:v1", &[100_000], 7);
+    let aws = tempfile::tempdir().unwrap();
+    let endpoint = format!("http://{}", h.host());
+    let t = Instant::now();
+    let (code, _, err) = wpimg_push_ecr(
+        &moto,
+        dir.path(),
+        aws.path(),
+        &["--registry-endpoint", &endpoint, "--registry-timeout", "1"],
+    );
+    assert_eq!(code, Some(1), "{err}");
+    // The registry's name, and the host that really stalled.
+    let host = h.host();
+    for needle in [
+        format!("{ecr_host}/stall: start upload of blob sha256:"),
+        format!("no answer from {host} for 1 s"),
+    ] {
+        assert!(err.contains(&needle), "stderr lacks {needle:?}:\n{err}");
+    }
+    assert!(t.elapsed() < Duration::from_secs(40), "{:?}", t.elapsed());
 }
 
 // ---- 5. Memory bounded by what the registry declares ----------------------------------------

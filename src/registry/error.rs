@@ -530,6 +530,45 @@ mod tests {
     }
 
     #[test]
+    fn stalls_name_host_time_and_phase_and_are_temporary() {
+        let stall = |phase| RegistryError::Stalled {
+            repository: "127.0.0.1:5000/app".into(),
+            operation: "get manifest v1".into(),
+            host: "127.0.0.1:5000".into(),
+            idle: Duration::from_secs(60),
+            phase,
+        };
+        let e = stall(StallPhase::Answer);
+        assert_eq!(
+            e.to_string(),
+            "127.0.0.1:5000/app: get manifest v1: no answer from 127.0.0.1:5000 for 60 s"
+        );
+        assert!(e.is_temporary() && e.is_stall());
+        assert!(stall(StallPhase::Body { received: 12 })
+            .to_string()
+            .ends_with("no data from 127.0.0.1:5000 for 60 s (after 12 bytes of the answer)"));
+        assert!(stall(StallPhase::Upload {
+            sent: 5,
+            total: Some(9)
+        })
+        .to_string()
+        .ends_with(
+            "127.0.0.1:5000 took no data for 60 s (after 5 of 9 bytes of the request body)"
+        ));
+        let big = RegistryError::TooLarge {
+            reference: "r:1".into(),
+            what: "manifest".into(),
+            size: 9,
+            limit: 4,
+        };
+        assert_eq!(
+            big.to_string(),
+            "r:1: manifest is 9 bytes, over the limit of 4 bytes"
+        );
+        assert!(!big.is_temporary());
+    }
+
+    #[test]
     fn bare_statuses_get_a_code() {
         let e = api(401, "");
         assert_eq!(e.code(), Some("UNAUTHORIZED"));

@@ -20,8 +20,9 @@ use crate::reference::{is_loopback_host, strip_port};
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Largest piece of a request body handed to the connection at once, so that progress (and
-/// its absence) is seen while a large part is being sent.
-const FRAME: usize = 64 * 1024;
+/// its absence) is seen while a large part is being sent (the size of the layout's file reads:
+/// smaller pieces cost push throughput).
+const FRAME: usize = 256 * 1024;
 /// Redirects followed for one request.
 const MAX_REDIRECTS: usize = 10;
 
@@ -345,24 +346,17 @@ impl HttpBody for IdleBody {
     }
 }
 
-/// The same response with [`IdleBody`] around its body.
+/// The same response (status, headers, final URL) with [`IdleBody`] around its body.
 pub(crate) fn idle_response(resp: reqwest::Response, limit: Duration) -> reqwest::Response {
     use reqwest::ResponseBuilderExt as _;
     let url = resp.url().clone();
-    let (parts, body) = http::Response::from(resp).into_parts();
-    let mut b = http::Response::builder()
-        .status(parts.status)
-        .version(parts.version)
-        .url(url);
-    if let Some(h) = b.headers_mut() {
-        *h = parts.headers;
+    let (mut parts, body) = http::Response::from(resp).into_parts();
+    // reqwest keeps the final URL in an extension only its builder can set.
+    if let Ok(marker) = http::Response::builder().url(url).body(()) {
+        parts.extensions = marker.into_parts().0.extensions;
     }
     let body = reqwest::Body::wrap(IdleBody::new(body, limit));
-    match b.body(body) {
-        Ok(r) => reqwest::Response::from(r),
-        // Unreachable: status and version come from a valid response.
-        Err(_) => reqwest::Response::from(http::Response::new(reqwest::Body::from(Vec::new()))),
-    }
+    reqwest::Response::from(http::Response::from_parts(parts, body))
 }
 
 /// The `Content-Length` an answer declares.
@@ -554,16 +548,17 @@ mod tests {
     #[tokio::test]
     async fn request_bodies_go_in_counted_pieces() {
         use http_body_util::BodyExt;
-        let a = Activity::new(Some(200_000));
-        let body = ProgressBody::new(reqwest::Body::from(vec![7u8; 200_000]), a.clone());
-        assert_eq!(body.size_hint().exact(), Some(200_000));
+        let len = 3 * FRAME + 1000;
+        let a = Activity::new(Some(len as u64));
+        let body = ProgressBody::new(reqwest::Body::from(vec![7u8; len]), a.clone());
+        assert_eq!(body.size_hint().exact(), Some(len as u64));
         let mut body = body;
         let mut sizes = Vec::new();
         while let Some(f) = body.frame().await {
             sizes.push(f.unwrap().into_data().unwrap().len());
         }
-        assert_eq!(sizes, vec![FRAME, FRAME, FRAME, 200_000 - 3 * FRAME]);
-        assert_eq!(a.sent.load(Ordering::Relaxed), 200_000);
+        assert_eq!(sizes, vec![FRAME, FRAME, FRAME, 1000]);
+        assert_eq!(a.sent.load(Ordering::Relaxed), len as u64);
     }
 
     #[tokio::test]
@@ -612,6 +607,23 @@ mod tests {
         let s = err.downcast_ref::<BodyStalled>().unwrap();
         assert_eq!((s.idle, s.received), (Duration::from_millis(300), 3));
         drop(tx);
+    }
+
+    #[tokio::test]
+    async fn guarded_responses_keep_status_headers_and_url() {
+        use reqwest::ResponseBuilderExt as _;
+        let url = u("http://127.0.0.2:9/v2/r/blobs/sha256:00");
+        let r = http::Response::builder()
+            .status(206)
+            .header("docker-content-digest", "sha256:00")
+            .url(url.clone())
+            .body(reqwest::Body::from("abc"))
+            .unwrap();
+        let r = idle_response(reqwest::Response::from(r), Duration::from_secs(5));
+        assert_eq!(r.status().as_u16(), 206);
+        assert_eq!(r.url(), &url);
+        assert!(r.headers().contains_key("docker-content-digest"));
+        assert_eq!(r.bytes().await.unwrap(), Bytes::from_static(b"abc"));
     }
 
     /// A body stream fed by hand that never ends on its own.
