@@ -527,12 +527,6 @@ impl Client {
         refresh: bool,
         reporter: &SharedReporter,
     ) -> Result<(Secret, Duration), RegistryError> {
-        #[derive(Deserialize)]
-        struct TokenAnswer {
-            token: Option<String>,
-            access_token: Option<String>,
-            expires_in: Option<u64>,
-        }
         let op = format!("get token from {}", guard::origin(realm));
         // Credentials go to a realm over https, or over plain HTTP to a host allowed it.
         if realm.scheme() != "https" && !self.plain_http_allowed(&guard::host_port(realm)) {
@@ -542,92 +536,19 @@ impl Client {
                 to: format!("{} (token realm)", guard::origin(realm)),
             });
         }
-        let host = guard::host_port(realm);
         let mut refreshed = refresh;
         let mut attempt = 1;
         loop {
             let cred = self.credential(&repo.registry, refreshed).await?;
-            let rb = match &cred {
-                Credential::IdentityToken(rt) => {
-                    let mut form = url::form_urlencoded::Serializer::new(String::new());
-                    form.append_pair("grant_type", "refresh_token")
-                        .append_pair("client_id", "wpimg")
-                        .append_pair("refresh_token", rt.expose())
-                        .append_pair("scope", &scopes.join(" "));
-                    if let Some(s) = service {
-                        form.append_pair("service", s);
-                    }
-                    self.http
-                        .post(realm.clone())
-                        .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
-                        .body(form.finish())
-                }
-                _ => {
-                    let mut u = realm.clone();
-                    {
-                        let mut q = u.query_pairs_mut();
-                        if let Some(s) = service {
-                            q.append_pair("service", s);
-                        }
-                        for s in scopes {
-                            q.append_pair("scope", s);
-                        }
-                    }
-                    let mut rb = self.http.get(u);
-                    if let Some(h) = cred.basic_header() {
-                        rb = rb.header(AUTHORIZATION, sensitive(&h));
-                    }
-                    rb
-                }
-            };
-            let req = rb
-                .build()
-                .map_err(|e| guard::transport_error(&repo.name, &op, &host, e))?;
-            let err = match self.execute(req, &repo.name, &op).await {
-                Ok(resp) if resp.status().is_success() => {
-                    let bound = guard::Bound::new(
-                        &repo.name,
-                        format!("token answer of {host}"),
-                        None,
-                        MAX_TOKEN_BYTES,
-                    )?;
-                    let body = match bound.read(resp, &repo.name, &op).await {
-                        Ok(b) => b,
-                        Err(e) if e.is_temporary() && attempt < self.attempts_for(&e) => {
-                            self.pause(attempt, &op, &e, reporter).await;
-                            attempt += 1;
-                            continue;
-                        }
-                        Err(e) => return Err(e),
-                    };
-                    let t: TokenAnswer = serde_json::from_slice(&body).map_err(|e| {
-                        repo.protocol(
-                            &op,
-                            format!("token answer is not the expected JSON (line {})", e.line()),
-                        )
-                    })?;
-                    let token = t
-                        .token
-                        .filter(|t| !t.is_empty())
-                        .or(t.access_token.filter(|t| !t.is_empty()))
-                        .ok_or_else(|| repo.protocol(&op, "token answer has no token".into()))?;
-                    let ttl = Duration::from_secs(t.expires_in.unwrap_or(60).max(60) - 10);
-                    return Ok((Secret::new(token), ttl));
-                }
-                Ok(resp) => {
-                    let status = resp.status();
-                    let e = error_from_response(resp, &repo.name, &op).await;
-                    if (status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN)
-                        && !refreshed
-                        && !cred.is_anonymous()
-                    {
-                        refreshed = true;
-                        continue;
-                    }
-                    e
-                }
+            let rb = self.token_request(&cred, realm, service, scopes);
+            let err = match self.token_exchange(rb, repo, &op).await {
+                Ok(token) => return Ok(token),
                 Err(e) => e,
             };
+            if matches!(err.status(), Some(401 | 403)) && !refreshed && !cred.is_anonymous() {
+                refreshed = true;
+                continue;
+            }
             if err.is_temporary() && attempt < self.attempts_for(&err) {
                 self.pause(attempt, &op, &err, reporter).await;
                 attempt += 1;
@@ -635,6 +556,85 @@ impl Client {
             }
             return Err(err);
         }
+    }
+
+    /// The token request for `cred`: an OAuth2 refresh-token POST for identity tokens, else a
+    /// GET with basic credentials (none when anonymous).
+    fn token_request(
+        &self,
+        cred: &Credential,
+        realm: &Url,
+        service: Option<&str>,
+        scopes: &[String],
+    ) -> reqwest::RequestBuilder {
+        if let Credential::IdentityToken(rt) = cred {
+            let mut form = url::form_urlencoded::Serializer::new(String::new());
+            form.append_pair("grant_type", "refresh_token")
+                .append_pair("client_id", "wpimg")
+                .append_pair("refresh_token", rt.expose())
+                .append_pair("scope", &scopes.join(" "));
+            if let Some(s) = service {
+                form.append_pair("service", s);
+            }
+            return self
+                .http
+                .post(realm.clone())
+                .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
+                .body(form.finish());
+        }
+        let mut u = realm.clone();
+        {
+            let mut q = u.query_pairs_mut();
+            if let Some(s) = service {
+                q.append_pair("service", s);
+            }
+            for s in scopes {
+                q.append_pair("scope", s);
+            }
+        }
+        let mut rb = self.http.get(u);
+        if let Some(h) = cred.basic_header() {
+            rb = rb.header(AUTHORIZATION, sensitive(&h));
+        }
+        rb
+    }
+
+    /// Send a token request and read its answer (at most [`MAX_TOKEN_BYTES`]): the token and
+    /// how long to keep it.
+    async fn token_exchange(
+        &self,
+        rb: reqwest::RequestBuilder,
+        repo: &Repo,
+        op: &str,
+    ) -> Result<(Secret, Duration), RegistryError> {
+        #[derive(Deserialize)]
+        struct TokenAnswer {
+            token: Option<String>,
+            access_token: Option<String>,
+            expires_in: Option<u64>,
+        }
+        let req = rb.build().map_err(|e| {
+            guard::transport_error(&repo.name, op, &guard::host_port(&repo.base), e)
+        })?;
+        let host = guard::host_port(req.url());
+        let resp = self.execute(req, &repo.name, op).await?;
+        let resp = expect_status(resp, &[200], &repo.name, op).await?;
+        let what = format!("token answer of {host}");
+        let bound = guard::Bound::new(&repo.name, what, None, MAX_TOKEN_BYTES)?;
+        let body = bound.read(resp, &repo.name, op).await?;
+        let t: TokenAnswer = serde_json::from_slice(&body).map_err(|e| {
+            repo.protocol(
+                op,
+                format!("token answer is not the expected JSON (line {})", e.line()),
+            )
+        })?;
+        let token = t
+            .token
+            .filter(|t| !t.is_empty())
+            .or(t.access_token.filter(|t| !t.is_empty()))
+            .ok_or_else(|| repo.protocol(op, "token answer has no token".into()))?;
+        let ttl = Duration::from_secs(t.expires_in.unwrap_or(60).max(60) - 10);
+        Ok((Secret::new(token), ttl))
     }
 
     /// Attempts in total for a failure: the policy's, fewer for stalls.

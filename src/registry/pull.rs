@@ -361,10 +361,10 @@ impl Client {
         let name = manifest_name(repo, reference);
         let bound = Bound::new(&name, "manifest".into(), wanted.size, MAX_MANIFEST_BYTES)?;
         let u = repo.url(&format!("manifests/{reference}"))?;
-        // Retried as a whole: a body can stop (or fail) after the answer came.
+        // Retried as a whole (one request): a body can stop or fail after the answer came.
         let raw = self.with_retries(&op, reporter, || async {
             let resp = self
-                .send(repo, scopes, &op, Retry::InOperation, reporter, |c| {
+                .send(repo, scopes, &op, Retry::Never, reporter, |c| {
                     Ok(c.get(u.clone()).header(ACCEPT, MANIFEST_ACCEPT))
                 })
                 .await?;
@@ -411,10 +411,11 @@ impl Client {
         let bound = Bound::new(image, what, Some(desc.size), MAX_CONFIG_BYTES)?;
         let u = repo.url(&format!("blobs/{}", desc.digest))?;
         let scopes = [repo.pull_scope()];
+        // Retried as a whole (one request), as a manifest.
         let raw = self
             .with_retries(&op, reporter, || async {
                 let resp = self
-                    .send(repo, &scopes, &op, Retry::InOperation, reporter, |c| {
+                    .send(repo, &scopes, &op, Retry::Never, reporter, |c| {
                         Ok(c.get(u.clone()))
                     })
                     .await?;
