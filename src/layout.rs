@@ -354,6 +354,7 @@ impl ImageSource for Layout {
         &self,
         reference: &str,
         expected: Option<&Digest>,
+        _declared_size: Option<u64>,
     ) -> Result<Document, LayoutError> {
         let desc = match reference.parse::<Digest>() {
             Ok(d) => self

@@ -45,6 +45,11 @@ pub struct GlobalArgs {
     /// Trust this PEM CA bundle for registry TLS (in addition to the system roots).
     #[arg(long, global = true, value_name = "FILE")]
     pub ca_file: Option<PathBuf>,
+    /// Fail a registry request when nothing moves for this long (no answer, no byte sent or
+    /// read); retried as a temporary failure. An idle timeout: large transfers are not cut.
+    #[arg(long, global = true, value_name = "SECONDS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub registry_timeout: u64,
 }
 
 /// The commands.

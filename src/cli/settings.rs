@@ -37,6 +37,7 @@ pub fn client_options(
     let mut o = ClientOptions {
         insecure_hosts: g.insecure_registries.clone(),
         ca_file: g.ca_file.clone(),
+        idle_timeout: std::time::Duration::from_secs(g.registry_timeout),
         ..Default::default()
     };
     if let Some(a) = push {

@@ -380,11 +380,13 @@ pub trait ImageSource: Send + Sync {
     /// The source's errors; they carry the walk's own.
     type Error: From<ResolveError> + Send;
 
-    /// The manifest or index a tag (or layout ref) or digest names, verified against `expected`.
+    /// The manifest or index a tag (or layout ref) or digest names, verified against `expected`;
+    /// a source reads no more than `declared_size` (a descriptor's size) when it is known.
     async fn document(
         &self,
         reference: &str,
         expected: Option<&Digest>,
+        declared_size: Option<u64>,
     ) -> Result<Document, Self::Error>;
 
     /// A small blob (a config), verified against its descriptor.
@@ -411,7 +413,7 @@ pub async fn resolve_manifest<S: ImageSource + ?Sized>(
     expected: Option<&Digest>,
     platform: &Platform,
 ) -> Result<(Option<Index>, Document), S::Error> {
-    let top = source.document(reference, expected).await?;
+    let top = source.document(reference, expected, None).await?;
     let idx = match top.manifest {
         Manifest::Image(_) => return Ok((None, top)),
         Manifest::Index(idx) => Index {
@@ -431,7 +433,11 @@ pub async fn resolve_manifest<S: ImageSource + ?Sized>(
             available: idx.platforms(),
         })?;
     let mut child = source
-        .document(&entry.digest.to_string(), Some(&entry.digest))
+        .document(
+            &entry.digest.to_string(),
+            Some(&entry.digest),
+            Some(entry.size),
+        )
         .await?;
     if matches!(child.manifest, Manifest::Index(_)) {
         return Err(ResolveError::NestedIndex {

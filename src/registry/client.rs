@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use http::header::{AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
+use http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{HeaderValue, StatusCode};
 use serde::Deserialize;
 use url::Url;
@@ -16,11 +16,12 @@ use url::Url;
 use crate::oci::Digest;
 
 use super::error::{parse_error_body, RegistryError};
+use super::guard::{self, Activity, ProgressBody};
 use crate::auth::{
     Credential, DockerConfigProvider, Secret, SharedCredentialProvider, StaticCredential,
 };
 use crate::events::{Event, SharedReporter};
-use crate::reference::{api_host, is_loopback_host, strip_port, url_without_credentials};
+use crate::reference::{api_host, url_without_credentials};
 
 /// Smallest chunk for chunked uploads (Amazon ECR's minimum part size); also the default.
 pub const MIN_CHUNK_SIZE: u64 = 5 * 1024 * 1024;
@@ -32,6 +33,16 @@ pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, \
     application/vnd.docker.distribution.manifest.v2+json, \
     application/vnd.docker.distribution.manifest.list.v2+json";
 const ERROR_BODY_LIMIT: usize = 64 * 1024;
+/// Default idle timeout of registry requests (`--registry-timeout`).
+pub const DEFAULT_REGISTRY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Largest manifest or index wpimg reads.
+pub const MAX_MANIFEST_BYTES: u64 = 4 << 20;
+/// Largest image config wpimg reads.
+pub const MAX_CONFIG_BYTES: u64 = 8 << 20;
+/// Largest token-server answer wpimg reads.
+pub const MAX_TOKEN_BYTES: u64 = 1 << 20;
+/// Attempts in total for a stalled request (each already cost the idle timeout).
+const STALL_ATTEMPTS: u32 = 3;
 
 /// When and how often to retry temporary failures.
 #[derive(Debug, Clone)]
@@ -81,6 +92,19 @@ impl RetryPolicy {
     }
 }
 
+/// Which failures [`Client::send`] retries itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Retry {
+    /// None (a request whose body cannot be sent again, or that its caller retries).
+    Never,
+    /// Temporary ones (connection errors, stalls, 5xx, 408, 429).
+    Temporary,
+    /// Temporary ones except stalls: the request is part of an operation that
+    /// [`Client::with_retries`] retries as a whole, so a stall costs the idle timeout only as
+    /// often as the operation is tried.
+    InOperation,
+}
+
 /// Options of a [`Client`].
 #[derive(Clone)]
 pub struct ClientOptions {
@@ -102,6 +126,9 @@ pub struct ClientOptions {
     pub default_credentials: Option<SharedCredentialProvider>,
     /// Retry policy for temporary failures.
     pub retry: RetryPolicy,
+    /// A request fails as stalled when nothing moves for this long: no byte of its body taken,
+    /// no answer, no byte of the answer's body (an idle timeout: large transfers are not cut).
+    pub idle_timeout: Duration,
 }
 
 impl Default for ClientOptions {
@@ -116,6 +143,7 @@ impl Default for ClientOptions {
             credentials: HashMap::new(),
             default_credentials: None,
             retry: RetryPolicy::default(),
+            idle_timeout: DEFAULT_REGISTRY_TIMEOUT,
         }
     }
 }
@@ -153,6 +181,7 @@ impl fmt::Debug for ClientOptions {
             .field("endpoint_overrides", &self.endpoint_overrides)
             .field("credentials", &self.credentials.keys().collect::<Vec<_>>())
             .field("retry", &self.retry)
+            .field("idle_timeout", &self.idle_timeout)
             .finish_non_exhaustive()
     }
 }
@@ -258,9 +287,11 @@ impl Client {
         opts.jobs = opts.jobs.max(1);
         opts.chunk_size = opts.chunk_size.max(MIN_CHUNK_SIZE);
         opts.retry.max_attempts = opts.retry.max_attempts.max(1);
+        opts.idle_timeout = opts.idle_timeout.max(Duration::from_millis(100));
         let mut b = reqwest::Client::builder()
             .user_agent(concat!("wpimg/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(Duration::from_secs(30))
+            .redirect(guard::redirect_policy(opts.insecure_hosts.clone()))
+            .connect_timeout(opts.idle_timeout.min(Duration::from_secs(30)))
             .tcp_keepalive(Duration::from_secs(30))
             .pool_idle_timeout(Duration::from_secs(60));
         if let Some(ca) = &opts.ca_file {
@@ -307,12 +338,7 @@ impl Client {
 
     /// Whether `host` may be reached over plain HTTP.
     pub fn plain_http_allowed(&self, host: &str) -> bool {
-        is_loopback_host(host)
-            || self
-                .opts
-                .insecure_hosts
-                .iter()
-                .any(|h| h == host || h == strip_port(host))
+        guard::plain_http_allowed(&self.opts.insecure_hosts, host)
     }
 
     pub(crate) fn uses_chunked(&self, registry: &str) -> bool {
@@ -496,22 +522,84 @@ impl Client {
         refresh: bool,
         reporter: &SharedReporter,
     ) -> Result<(Secret, Duration), RegistryError> {
-        let req = TokenRequest {
-            repo,
-            realm,
-            service,
-            scopes,
-            op: format!("get token from {}", realm.host_str().unwrap_or("realm")),
-        };
-        self.with_retries(&req.op, reporter, || self.token_once(&req, refresh))
-            .await
+        let op = format!("get token from {}", guard::origin(realm));
+        // Credentials go to a realm over https, or over plain HTTP to a host allowed it.
+        if realm.scheme() != "https" && !self.plain_http_allowed(&guard::host_port(realm)) {
+            return Err(RegistryError::PlainHttpRefused {
+                repository: repo.name.clone(),
+                operation: op,
+                to: format!("{} (token realm)", guard::origin(realm)),
+            });
+        }
+        self.with_retries(&op, reporter, || async {
+            // Credentials the realm refuses are refreshed once.
+            let mut refreshed = refresh;
+            loop {
+                let cred = self.credential(&repo.registry, refreshed).await?;
+                let rb = self.token_request(&cred, realm, service, scopes);
+                match self.token_exchange(rb, repo, &op).await {
+                    Err(e)
+                        if matches!(e.status(), Some(401 | 403))
+                            && !refreshed
+                            && !cred.is_anonymous() =>
+                    {
+                        refreshed = true;
+                    }
+                    outcome => return outcome,
+                }
+            }
+        })
+        .await
     }
 
-    /// One token request; credentials the realm refuses are refreshed once.
-    async fn token_once(
+    /// The token request for `cred`: an OAuth2 refresh-token POST for identity tokens, else a
+    /// GET with basic credentials (none when anonymous).
+    fn token_request(
         &self,
-        req: &TokenRequest<'_>,
-        refresh: bool,
+        cred: &Credential,
+        realm: &Url,
+        service: Option<&str>,
+        scopes: &[String],
+    ) -> reqwest::RequestBuilder {
+        if let Credential::IdentityToken(rt) = cred {
+            let mut form = url::form_urlencoded::Serializer::new(String::new());
+            form.append_pair("grant_type", "refresh_token")
+                .append_pair("client_id", "wpimg")
+                .append_pair("refresh_token", rt.expose())
+                .append_pair("scope", &scopes.join(" "));
+            if let Some(s) = service {
+                form.append_pair("service", s);
+            }
+            return self
+                .http
+                .post(realm.clone())
+                .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
+                .body(form.finish());
+        }
+        let mut u = realm.clone();
+        {
+            let mut q = u.query_pairs_mut();
+            if let Some(s) = service {
+                q.append_pair("service", s);
+            }
+            for s in scopes {
+                q.append_pair("scope", s);
+            }
+        }
+        let mut rb = self.http.get(u);
+        if let Some(h) = cred.basic_header() {
+            rb = rb.header(AUTHORIZATION, sensitive(&h));
+        }
+        rb
+    }
+
+    /// Send a token request and read its answer (at most [`MAX_TOKEN_BYTES`]): the token and
+    /// how long to keep it.
+    async fn token_exchange(
+        &self,
+        rb: reqwest::RequestBuilder,
+        repo: &Repo,
+        op: &str,
     ) -> Result<(Secret, Duration), RegistryError> {
         #[derive(Deserialize)]
         struct TokenAnswer {
@@ -519,92 +607,62 @@ impl Client {
             access_token: Option<String>,
             expires_in: Option<u64>,
         }
-        let TokenRequest {
-            repo,
-            realm,
-            service,
-            scopes,
-            op,
-        } = req;
-        let mut refreshed = refresh;
-        loop {
-            let cred = self.credential(&repo.registry, refreshed).await?;
-            let rb = match &cred {
-                Credential::IdentityToken(rt) => {
-                    let mut form = url::form_urlencoded::Serializer::new(String::new());
-                    form.append_pair("grant_type", "refresh_token")
-                        .append_pair("client_id", "wpimg")
-                        .append_pair("refresh_token", rt.expose())
-                        .append_pair("scope", &scopes.join(" "));
-                    if let Some(s) = service {
-                        form.append_pair("service", s);
-                    }
-                    self.http
-                        .post((*realm).clone())
-                        .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
-                        .body(form.finish())
-                }
-                _ => {
-                    let mut u = (*realm).clone();
-                    {
-                        let mut q = u.query_pairs_mut();
-                        if let Some(s) = service {
-                            q.append_pair("service", s);
-                        }
-                        for s in scopes.iter() {
-                            q.append_pair("scope", s);
-                        }
-                    }
-                    let mut rb = self.http.get(u);
-                    if let Some(h) = cred.basic_header() {
-                        rb = rb.header(AUTHORIZATION, sensitive(&h));
-                    }
-                    rb
-                }
-            };
-            self.requests.fetch_add(1, Ordering::Relaxed);
-            let transport = |e: reqwest::Error| RegistryError::Transport {
-                repository: repo.name.clone(),
-                operation: op.clone(),
-                source: e.without_url(),
-            };
-            let resp = rb.send().await.map_err(transport)?;
-            if !resp.status().is_success() {
-                let status = resp.status();
-                let e = error_from_response(resp, &repo.name, op).await;
-                if (status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN)
-                    && !refreshed
-                    && !cred.is_anonymous()
-                {
-                    refreshed = true;
-                    continue;
-                }
-                return Err(e);
-            }
-            let body = resp.bytes().await.map_err(transport)?;
-            let t: TokenAnswer = serde_json::from_slice(&body).map_err(|e| {
-                repo.protocol(
-                    op,
-                    format!("token answer is not the expected JSON (line {})", e.line()),
-                )
-            })?;
-            let token = t
-                .token
-                .filter(|t| !t.is_empty())
-                .or(t.access_token.filter(|t| !t.is_empty()))
-                .ok_or_else(|| repo.protocol(op, "token answer has no token".into()))?;
-            let ttl = Duration::from_secs(t.expires_in.unwrap_or(60).max(60) - 10);
-            return Ok((Secret::new(token), ttl));
+        let req = rb.build().map_err(|e| {
+            guard::transport_error(&repo.name, op, &guard::host_port(&repo.base), e)
+        })?;
+        let host = guard::host_port(req.url());
+        let resp = self.execute(req, &repo.name, op).await?;
+        let resp = expect_status(resp, &[200], &repo.name, op).await?;
+        let what = format!("token answer of {host}");
+        let bound = guard::Bound::new(&repo.name, what, None, MAX_TOKEN_BYTES)?;
+        let body = bound.read(resp, &repo.name, op).await?;
+        let t: TokenAnswer = serde_json::from_slice(&body).map_err(|e| {
+            repo.protocol(
+                op,
+                format!("token answer is not the expected JSON (line {})", e.line()),
+            )
+        })?;
+        let token = t
+            .token
+            .filter(|t| !t.is_empty())
+            .or(t.access_token.filter(|t| !t.is_empty()))
+            .ok_or_else(|| repo.protocol(op, "token answer has no token".into()))?;
+        let ttl = Duration::from_secs(t.expires_in.unwrap_or(60).max(60) - 10);
+        Ok((Secret::new(token), ttl))
+    }
+
+    /// Attempts in total for a failure: the policy's, fewer for stalls.
+    fn attempts_for(&self, err: &RegistryError) -> u32 {
+        if err.is_stall() {
+            self.opts.retry.max_attempts.min(STALL_ATTEMPTS)
+        } else {
+            self.opts.retry.max_attempts
         }
     }
 
     /// Run `once` until it succeeds or fails for good: temporary failures (connection errors,
-    /// 5xx, 408, 429 with its `Retry-After`) are retried with backoff up to the policy's
+    /// stalls, 5xx, 408, 429 with its `Retry-After`) are retried with backoff up to the policy's
     /// attempts, each retry reported as a note naming `op`; anything else is returned at once.
+    /// Requests made by `once` leave stalls to it ([`Retry::InOperation`]).
     pub(crate) async fn with_retries<T, F, Fut>(
         &self,
         op: &str,
         reporter: &SharedReporter,
+        once: F,
+    ) -> Result<T, RegistryError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, RegistryError>>,
+    {
+        self.retrying(op, reporter, true, once).await
+    }
+
+    /// [`Client::with_retries`], leaving stalls to an enclosing operation unless `stalls`.
+    async fn retrying<T, F, Fut>(
+        &self,
+        op: &str,
+        reporter: &SharedReporter,
+        stalls: bool,
         mut once: F,
     ) -> Result<T, RegistryError>
     where
@@ -614,7 +672,11 @@ impl Client {
         let mut attempt = 1;
         loop {
             match once().await {
-                Err(e) if e.is_temporary() && attempt < self.opts.retry.max_attempts => {
+                Err(e)
+                    if e.is_temporary()
+                        && (stalls || !e.is_stall())
+                        && attempt < self.attempts_for(&e) =>
+                {
                     self.pause(attempt, op, &e, reporter).await;
                     attempt += 1;
                 }
@@ -623,6 +685,7 @@ impl Client {
         }
     }
 
+    /// Report a retry of `op` and wait before it.
     pub(crate) async fn pause(
         &self,
         attempt: u32,
@@ -636,31 +699,86 @@ impl Client {
                 "retrying {op} in {:.1}s (attempt {}/{}): {err}",
                 d.as_secs_f64(),
                 attempt + 1,
-                self.opts.retry.max_attempts
+                self.attempts_for(err)
             ),
         });
         tokio::time::sleep(d).await;
     }
 
+    /// Send one request under the idle timeout ([`ClientOptions::idle_timeout`]): it fails as
+    /// stalled when its body stops being taken or no answer comes; the answer's body is read
+    /// under the same timeout. `repository` and `op` name the request in errors.
+    pub(crate) async fn execute(
+        &self,
+        mut req: reqwest::Request,
+        repository: &str,
+        op: &str,
+    ) -> Result<reqwest::Response, RegistryError> {
+        let host = guard::host_port(req.url());
+        let limit = self.opts.idle_timeout;
+        let total = req
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .or_else(|| {
+                req.body()
+                    .map_or(Some(0), |b| http_body::Body::size_hint(b).exact())
+            });
+        let activity = Activity::new(total);
+        if let Some(body) = req.body_mut().take() {
+            let counted = ProgressBody::new(body, activity.clone());
+            *req.body_mut() = Some(reqwest::Body::wrap(counted));
+        }
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        tokio::select! {
+            r = self.http.execute(req) => r
+                .map(|resp| guard::idle_response(resp, limit))
+                .map_err(|e| guard::transport_error(repository, op, &host, e)),
+            phase = activity.stalled(limit) => Err(RegistryError::Stalled {
+                repository: repository.to_string(),
+                operation: op.to_string(),
+                host,
+                idle: limit,
+                phase,
+            }),
+        }
+    }
+
+    /// Whether a request to `url` for `repo` carries the registry's credentials: yes for the
+    /// registry's own origin; no for any other (an upload `Location` elsewhere), which must
+    /// pass [`guard::check_hop`]: no https→http downgrade, plain HTTP only to allowed hosts.
+    pub(crate) fn credentials_go_to(
+        &self,
+        repo: &Repo,
+        url: &Url,
+        op: &str,
+    ) -> Result<bool, RegistryError> {
+        if guard::same_origin(url, &repo.base) {
+            return Ok(true);
+        }
+        guard::check_hop(&self.opts.insecure_hosts, &repo.base, url)
+            .map_err(|r| r.into_error(&repo.name, op))?;
+        Ok(false)
+    }
+
     /// Send a request built by `build` (called again for each attempt), answering auth
-    /// challenges and, when `retry` is set, retrying temporary failures (an answer still
-    /// temporary after the last attempt is returned as its error).
+    /// challenges and retrying the failures `retry` names (an answer still temporary after the
+    /// last attempt is returned as its error). Credentials go only to the registry's own
+    /// origin, and only its own answers may ask for them.
     pub(crate) async fn send<F>(
         &self,
         repo: &Repo,
         scopes: &[String],
         op: &str,
-        retry: bool,
+        retry: Retry,
         reporter: &SharedReporter,
         build: F,
     ) -> Result<reqwest::Response, RegistryError>
     where
         F: Fn(&reqwest::Client) -> Result<reqwest::RequestBuilder, RegistryError>,
     {
-        if !retry {
-            return self.send_once(repo, scopes, op, reporter, &build).await;
-        }
-        self.with_retries(op, reporter, || async {
+        let once = || async {
             let resp = self.send_once(repo, scopes, op, reporter, &build).await?;
             let status = resp.status();
             if status.is_server_error()
@@ -670,8 +788,12 @@ impl Client {
                 return Err(error_from_response(resp, &repo.name, op).await);
             }
             Ok(resp)
-        })
-        .await
+        };
+        match retry {
+            Retry::Never => self.send_once(repo, scopes, op, reporter, &build).await,
+            Retry::Temporary => self.retrying(op, reporter, true, once).await,
+            Retry::InOperation => self.retrying(op, reporter, false, once).await,
+        }
     }
 
     /// One request, answering the registry's auth challenges (learning the challenge, adding
@@ -693,19 +815,22 @@ impl Client {
         let mut refreshed = false;
         let mut retried_unauthenticated = false;
         loop {
-            let auth = self.authorization(repo, &scopes, refresh, reporter).await?;
-            refresh = false;
-            let mut rb = build(&self.http)?;
-            if let Some(a) = &auth {
-                rb = rb.header(AUTHORIZATION, sensitive(a));
-            }
-            self.requests.fetch_add(1, Ordering::Relaxed);
-            let resp = rb.send().await.map_err(|e| RegistryError::Transport {
-                repository: repo.name.clone(),
-                operation: op.to_string(),
-                source: e.without_url(),
+            let mut req = build(&self.http)?.build().map_err(|e| {
+                guard::transport_error(&repo.name, op, &guard::host_port(&repo.base), e)
             })?;
-            if resp.status() != StatusCode::UNAUTHORIZED || auth_rounds >= 4 {
+            let own = self.credentials_go_to(repo, req.url(), op)?;
+            let auth = if own {
+                self.authorization(repo, &scopes, refresh, reporter).await?
+            } else {
+                None
+            };
+            refresh = false;
+            if let Some(a) = &auth {
+                req.headers_mut().insert(AUTHORIZATION, sensitive(a));
+            }
+            let resp = self.execute(req, &repo.name, op).await?;
+            let from_registry = own && guard::same_origin(resp.url(), &repo.base);
+            if resp.status() != StatusCode::UNAUTHORIZED || !from_registry || auth_rounds >= 4 {
                 return Ok(resp);
             }
             let parsed = resp
@@ -751,16 +876,6 @@ impl Client {
             return Err(error_from_response(resp, &repo.name, op).await);
         }
     }
-}
-
-/// A token request to a realm.
-struct TokenRequest<'a> {
-    repo: &'a Repo,
-    realm: &'a Url,
-    service: Option<&'a str>,
-    scopes: &'a [String],
-    /// `get token from HOST`, in errors and retry notes.
-    op: String,
 }
 
 /// A header value marked sensitive (hyper keeps it out of its debug output).

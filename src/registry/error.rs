@@ -155,6 +155,75 @@ pub enum RegistryError {
     /// An invalid reference or tag.
     #[error(transparent)]
     Reference(#[from] crate::reference::ReferenceError),
+    /// No progress for the idle timeout (`--registry-timeout`): nothing sent, answered or read.
+    #[error("{repository}: {operation}: {}", StallText(.host, *.idle, *.phase))]
+    Stalled {
+        /// `registry/repository`.
+        repository: String,
+        /// What was being done.
+        operation: String,
+        /// The host (`host:port`) that stalled.
+        host: String,
+        /// How long nothing moved.
+        idle: Duration,
+        /// Where the exchange stood.
+        phase: StallPhase,
+    },
+    /// A registry pointed wpimg from https to plain http (upload `Location`, redirect).
+    #[error(
+        "{repository}: {operation}: refusing the downgrade from {from} to {to} \
+         (https to plain http; no credentials were sent)"
+    )]
+    Downgrade {
+        /// `registry/repository`.
+        repository: String,
+        /// What was being done.
+        operation: String,
+        /// Origin of the secure side (`https://host:port`).
+        from: String,
+        /// Origin of the plain side (`http://host:port`).
+        to: String,
+    },
+    /// A registry pointed wpimg at plain HTTP on a host that is neither loopback nor named with
+    /// `--insecure-registry` (upload `Location`, redirect, token realm).
+    #[error(
+        "{repository}: {operation}: refusing plain HTTP to {to}: only loopback hosts and hosts \
+         named with --insecure-registry may use http:// (no credentials were sent)"
+    )]
+    PlainHttpRefused {
+        /// `registry/repository`.
+        repository: String,
+        /// What was being done.
+        operation: String,
+        /// The refused origin (`http://host:port`).
+        to: String,
+    },
+    /// A manifest, config or token answer declares more bytes than wpimg accepts; nothing of it
+    /// was read.
+    #[error("{reference}: {what} is {size} bytes, over the limit of {limit} bytes")]
+    TooLarge {
+        /// The image reference (or `registry/repository`).
+        reference: String,
+        /// `manifest`, `config sha256:...`, `token answer`.
+        what: String,
+        /// The size declared (descriptor or `Content-Length`).
+        size: u64,
+        /// wpimg's limit for it.
+        limit: u64,
+    },
+    /// The registry sent more than it declared (or, with no size declared, more than the limit);
+    /// reading stopped there.
+    #[error("{reference}: {what}: the registry sent more than {limit} bytes ({})", overlong_why(*.declared))]
+    Overlong {
+        /// The image reference (or `registry/repository`).
+        reference: String,
+        /// `manifest`, `config sha256:...`, `blob sha256:...`.
+        what: String,
+        /// The size declared, or the limit when none was.
+        limit: u64,
+        /// Whether `limit` is a declared size (descriptor or `Content-Length`).
+        declared: bool,
+    },
     /// An index has no entry for the wanted platform.
     #[error("{reference}: no image for platform {platform} (available: {})", .available.join(", "))]
     PlatformNotFound {
@@ -185,6 +254,65 @@ impl crate::error::HasKind for RegistryError {
             | Self::CaFile { .. } => ErrorKind::BadInput,
             Self::Tagging { source, .. } => source.kind(),
             _ => ErrorKind::Failure,
+        }
+    }
+}
+
+/// Where a stalled exchange stood when the idle timeout struck.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StallPhase {
+    /// The request was sent (or had no body); no answer came.
+    Answer,
+    /// The registry stopped taking the request body after `sent` of `total` bytes.
+    Upload {
+        /// Bytes of the body the registry took.
+        sent: u64,
+        /// Size of the body, if known.
+        total: Option<u64>,
+    },
+    /// The answer's body stopped after `received` bytes.
+    Body {
+        /// Bytes of the body read.
+        received: u64,
+    },
+}
+
+/// `2 s`, `0.5 s`.
+fn seconds(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{} s", d.as_secs())
+    } else {
+        format!("{:.1} s", d.as_secs_f64())
+    }
+}
+
+fn overlong_why(declared: bool) -> &'static str {
+    if declared {
+        "the size it declared"
+    } else {
+        "the limit, no size declared"
+    }
+}
+
+/// A [`StallPhase`] with the host and the idle time, as shown in [`RegistryError::Stalled`].
+pub(crate) struct StallText<'a>(pub &'a str, pub Duration, pub StallPhase);
+
+impl fmt::Display for StallText<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (host, idle) = (self.0, seconds(self.1));
+        match self.2 {
+            StallPhase::Answer => write!(f, "no answer from {host} for {idle}"),
+            StallPhase::Upload { sent, total } => {
+                write!(f, "{host} took no data for {idle} (after {sent}")?;
+                if let Some(t) = total {
+                    write!(f, " of {t}")?;
+                }
+                f.write_str(" bytes of the request body)")
+            }
+            StallPhase::Body { received } => write!(
+                f,
+                "no data from {host} for {idle} (after {received} bytes of the answer)"
+            ),
         }
     }
 }
@@ -233,8 +361,8 @@ impl RegistryError {
         }
     }
 
-    /// Whether retrying may help: connection failures, 5xx, 408 and 429. Never auth (401/403),
-    /// not-found or manifest errors.
+    /// Whether retrying may help: connection failures, stalls, 5xx, 408 and 429. Never auth
+    /// (401/403), not-found, refused URLs or size violations.
     pub fn is_temporary(&self) -> bool {
         match self.answer() {
             Self::Api { status, errors, .. } => {
@@ -245,6 +373,7 @@ impl RegistryError {
                         .iter()
                         .any(|e| e.code == "TOOMANYREQUESTS" || e.code == "UNAVAILABLE")
             }
+            Self::Stalled { .. } => true,
             Self::Transport { source, .. } => {
                 source.is_connect()
                     || source.is_timeout()
@@ -283,6 +412,11 @@ impl RegistryError {
             Self::Tagging { tag, .. } => Some(tag),
             _ => None,
         }
+    }
+
+    /// Whether this is a [`RegistryError::Stalled`] (retried fewer times: each costs the timeout).
+    pub fn is_stall(&self) -> bool {
+        matches!(self.answer(), Self::Stalled { .. })
     }
 
     /// The HTTP status of an [`RegistryError::Api`] error.
@@ -428,6 +562,45 @@ mod tests {
         assert!(e.has_code("TAG_INVALID"));
         assert_eq!(e.to_string(), shown, "the message stays the registry's");
         assert_eq!(e.status(), Some(400));
+    }
+
+    #[test]
+    fn stalls_name_host_time_and_phase_and_are_temporary() {
+        let stall = |phase| RegistryError::Stalled {
+            repository: "127.0.0.1:5000/app".into(),
+            operation: "get manifest v1".into(),
+            host: "127.0.0.1:5000".into(),
+            idle: Duration::from_secs(60),
+            phase,
+        };
+        let e = stall(StallPhase::Answer);
+        assert_eq!(
+            e.to_string(),
+            "127.0.0.1:5000/app: get manifest v1: no answer from 127.0.0.1:5000 for 60 s"
+        );
+        assert!(e.is_temporary() && e.is_stall());
+        assert!(stall(StallPhase::Body { received: 12 })
+            .to_string()
+            .ends_with("no data from 127.0.0.1:5000 for 60 s (after 12 bytes of the answer)"));
+        assert!(stall(StallPhase::Upload {
+            sent: 5,
+            total: Some(9)
+        })
+        .to_string()
+        .ends_with(
+            "127.0.0.1:5000 took no data for 60 s (after 5 of 9 bytes of the request body)"
+        ));
+        let big = RegistryError::TooLarge {
+            reference: "r:1".into(),
+            what: "manifest".into(),
+            size: 9,
+            limit: 4,
+        };
+        assert_eq!(
+            big.to_string(),
+            "r:1: manifest is 9 bytes, over the limit of 4 bytes"
+        );
+        assert!(!big.is_temporary());
     }
 
     #[test]

@@ -6,8 +6,11 @@ use std::time::Instant;
 use futures_util::{stream, StreamExt, TryStreamExt};
 use http::header::{ACCEPT, CONTENT_TYPE};
 
-use super::client::{expect_status, Client, Repo, MANIFEST_ACCEPT};
+use super::client::{
+    expect_status, Client, Repo, Retry, MANIFEST_ACCEPT, MAX_CONFIG_BYTES, MAX_MANIFEST_BYTES,
+};
 use super::error::RegistryError;
+use super::guard::{self, Bound};
 use super::push::{check_digest_header, BlobReport, Progress};
 use super::source::RemoteSource;
 use super::sources::BlobSources;
@@ -16,8 +19,36 @@ use crate::layout::{Layout, LayoutError};
 use crate::oci::{self, Descriptor, Digest, Document, Image, Manifest, Platform, Resolved};
 use crate::reference::Reference;
 
-const MAX_MANIFEST_SIZE: usize = 8 << 20;
-const MAX_CONFIG_SIZE: u64 = 64 << 20;
+/// A manifest to fetch: its tag or digest, and what is known of it beforehand.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Wanted<'a> {
+    /// Tag or digest.
+    pub reference: &'a str,
+    /// The digest it must have.
+    pub digest: Option<&'a Digest>,
+    /// The size its descriptor declares.
+    pub size: Option<u64>,
+}
+
+impl<'a> Wanted<'a> {
+    /// A manifest known by tag or digest only.
+    pub fn named(reference: &'a str, digest: Option<&'a Digest>) -> Self {
+        Self {
+            reference,
+            digest,
+            size: None,
+        }
+    }
+}
+
+/// `registry/repository:tag` or `registry/repository@sha256:...`.
+fn manifest_name(repo: &Repo, reference: &str) -> String {
+    if reference.contains(':') {
+        format!("{}@{reference}", repo.name)
+    } else {
+        format!("{}:{reference}", repo.name)
+    }
+}
 
 /// A pulled image, stored in the layout.
 #[derive(Debug, Clone)]
@@ -65,14 +96,10 @@ impl Client {
         let repo = self
             .repo(&reference.registry, &reference.repository)
             .await?;
-        self.get_manifest(
-            &repo,
-            &[repo.pull_scope()],
-            &reference.manifest_reference(),
-            reference.digest.as_ref(),
-            reporter,
-        )
-        .await
+        let tag_or_digest = reference.manifest_reference();
+        let wanted = Wanted::named(&tag_or_digest, reference.digest.as_ref());
+        self.get_manifest(&repo, &[repo.pull_scope()], wanted, reporter)
+            .await
     }
 
     /// Fetch an image's manifest (selecting `platform` from an index) and config, in memory.
@@ -99,6 +126,7 @@ impl Client {
             repo: self
                 .repo(&reference.registry, &reference.repository)
                 .await?,
+            image: reference.to_string(),
             layout,
             reporter,
         })
@@ -123,6 +151,13 @@ impl Client {
         let Manifest::Image(manifest) = &image.manifest else {
             return Err(unsupported(reference, &image.descriptor.media_type));
         };
+        // The config is read into memory after the download: refuse an oversized one first.
+        Bound::new(
+            &reference.to_string(),
+            format!("config {}", manifest.config.digest),
+            Some(manifest.config.size),
+            MAX_CONFIG_BYTES,
+        )?;
         let mut wanted: Vec<Descriptor> = Vec::new();
         for d in std::iter::once(&manifest.config).chain(&manifest.layers) {
             if !wanted.iter().any(|w| w.digest == d.digest) {
@@ -197,44 +232,43 @@ impl Client {
         })
     }
 
-    /// GET a manifest by tag or digest and verify its digest.
+    /// GET a manifest by tag or digest and verify its digest. At most the size its descriptor
+    /// declares (if known) and never more than [`MAX_MANIFEST_BYTES`] is read.
     pub(crate) async fn get_manifest(
         &self,
         repo: &Repo,
         scopes: &[String],
-        reference: &str,
-        expected: Option<&Digest>,
+        wanted: Wanted<'_>,
         reporter: &SharedReporter,
     ) -> Result<Document, RegistryError> {
+        let reference = wanted.reference;
+        let expected = wanted.digest;
         let op = format!("get manifest {reference}");
+        let name = manifest_name(repo, reference);
+        let bound = Bound::new(&name, "manifest".into(), wanted.size, MAX_MANIFEST_BYTES)?;
         let u = repo.url(&format!("manifests/{reference}"))?;
-        let resp = self
-            .send(repo, scopes, &op, true, reporter, |c| {
-                Ok(c.get(u.clone()).header(ACCEPT, MANIFEST_ACCEPT))
-            })
-            .await?;
-        let mut resp = expect_status(resp, &[200], &repo.name, &op).await?;
-        let content_type = resp
-            .headers()
-            .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(|s| s.split(';').next().unwrap_or(s).trim().to_string());
-        let header_digest = resp
-            .headers()
-            .get("docker-content-digest")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|s| s.trim().parse::<Digest>().ok());
-        let mut raw = Vec::new();
-        while let Some(c) = resp.chunk().await.map_err(|e| RegistryError::Transport {
-            repository: repo.name.clone(),
-            operation: op.clone(),
-            source: e.without_url(),
-        })? {
-            raw.extend_from_slice(&c);
-            if raw.len() > MAX_MANIFEST_SIZE {
-                return Err(repo.protocol(&op, "manifest larger than 8 MiB".into()));
-            }
-        }
+        // Retried as a whole (one request): a body can stop or fail after the answer came.
+        let raw = self.with_retries(&op, reporter, || async {
+            let resp = self
+                .send(repo, scopes, &op, Retry::Never, reporter, |c| {
+                    Ok(c.get(u.clone()).header(ACCEPT, MANIFEST_ACCEPT))
+                })
+                .await?;
+            let resp = expect_status(resp, &[200], &repo.name, &op).await?;
+            let content_type = resp
+                .headers()
+                .get(CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .map(|s| s.split(';').next().unwrap_or(s).trim().to_string());
+            let header_digest = resp
+                .headers()
+                .get("docker-content-digest")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|s| s.trim().parse::<Digest>().ok());
+            let raw = bound.read(resp, &repo.name, &op).await?;
+            Ok((raw, content_type, header_digest))
+        });
+        let (raw, content_type, header_digest) = raw.await?;
         let actual = Digest::of_bytes(&raw);
         if let Some(exp) = expected.or(header_digest.as_ref()) {
             if *exp != actual {
@@ -249,29 +283,32 @@ impl Client {
         manifest_from_raw(&repo.name, reference, raw, content_type.as_deref())
     }
 
-    /// GET a small blob (a config) into memory, verified.
-    pub(crate) async fn get_small_blob(
+    /// GET an image config of `image` into memory, verified; at most the size its descriptor
+    /// declares, which must be within [`MAX_CONFIG_BYTES`].
+    pub(crate) async fn get_config(
         &self,
         repo: &Repo,
+        image: &str,
         desc: &Descriptor,
         reporter: &SharedReporter,
     ) -> Result<Vec<u8>, RegistryError> {
         let op = format!("get blob {}", desc.digest);
-        if desc.size > MAX_CONFIG_SIZE {
-            return Err(repo.protocol(&op, format!("config of {} bytes is too large", desc.size)));
-        }
+        let what = format!("config {}", desc.digest);
+        let bound = Bound::new(image, what, Some(desc.size), MAX_CONFIG_BYTES)?;
         let u = repo.url(&format!("blobs/{}", desc.digest))?;
-        let resp = self
-            .send(repo, &[repo.pull_scope()], &op, true, reporter, |c| {
-                Ok(c.get(u.clone()))
+        let scopes = [repo.pull_scope()];
+        // Retried as a whole (one request), as a manifest.
+        let raw = self
+            .with_retries(&op, reporter, || async {
+                let resp = self
+                    .send(repo, &scopes, &op, Retry::Never, reporter, |c| {
+                        Ok(c.get(u.clone()))
+                    })
+                    .await?;
+                let resp = expect_status(resp, &[200], &repo.name, &op).await?;
+                bound.read(resp, &repo.name, &op).await
             })
             .await?;
-        let resp = expect_status(resp, &[200], &repo.name, &op).await?;
-        let raw = resp.bytes().await.map_err(|e| RegistryError::Transport {
-            repository: repo.name.clone(),
-            operation: op.clone(),
-            source: e.without_url(),
-        })?;
         let actual = Digest::of_bytes(&raw);
         if actual != desc.digest {
             return Err(RegistryError::DigestMismatch {
@@ -281,7 +318,7 @@ impl Client {
                 actual,
             });
         }
-        Ok(raw.to_vec())
+        Ok(raw)
     }
 
     async fn pull_blob(
@@ -334,31 +371,38 @@ impl Client {
             source,
         };
         let u = repo.url(&format!("blobs/{}", desc.digest))?;
+        // Retried as a whole by `pull_blob`: stalls are left to it.
         let resp = self
-            .send(repo, &[repo.pull_scope()], &op, true, reporter, |c| {
-                Ok(c.get(u.clone()))
-            })
+            .send(
+                repo,
+                &[repo.pull_scope()],
+                &op,
+                Retry::InOperation,
+                reporter,
+                |c| Ok(c.get(u.clone())),
+            )
             .await?;
         let resp = expect_status(resp, &[200], &repo.name, &op).await?;
         check_digest_header(repo, &resp, "blob", &desc.digest)?;
+        let host = guard::host_port(resp.url());
+        let bound = Bound {
+            reference: &repo.name,
+            what: format!("blob {}", desc.digest),
+            limit: desc.size,
+            declared: true,
+        };
+        bound.check_announced(&resp)?;
         progress.reset(0);
         let mut w = layout.blob_writer().map_err(blob_err)?;
         let mut body = resp.bytes_stream();
         while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|e| RegistryError::Transport {
-                repository: repo.name.clone(),
-                operation: op.clone(),
-                source: e.without_url(),
-            })?;
+            let chunk = chunk.map_err(|e| guard::transport_error(&repo.name, &op, &host, e))?;
+            if w.written() + chunk.len() as u64 > desc.size {
+                return Err(bound.exceeded(None));
+            }
             w.write_all(&chunk)
                 .map_err(|e| blob_err(LayoutError::Io(e)))?;
             progress.add(chunk.len() as u64);
-            if w.written() > desc.size {
-                return Err(repo.protocol(
-                    &op,
-                    format!("registry sent more than the {} bytes expected", desc.size),
-                ));
-            }
         }
         match w.commit(Some(&desc.digest), Some(desc.size)) {
             Ok(_) => Ok(()),

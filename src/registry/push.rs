@@ -14,8 +14,9 @@ use tokio::io::AsyncReadExt;
 use tokio_util::io::ReaderStream;
 use url::Url;
 
-use super::client::{error_from_response, expect_status, Client, Repo, MANIFEST_ACCEPT};
+use super::client::{error_from_response, expect_status, Client, Repo, Retry, MANIFEST_ACCEPT};
 use super::error::{tag_operation, RegistryError};
+use super::pull::Wanted;
 use super::sources::BlobSources;
 use crate::events::{BlobOutcome, Event, SharedReporter};
 use crate::layout::{Layout, LayoutError};
@@ -445,12 +446,13 @@ impl Client {
         progress: &Progress,
         reporter: &SharedReporter,
     ) -> Result<(BlobOutcome, Option<String>), RegistryError> {
+        // Retried as a whole by `push_blob`: requests here leave stalls to it.
         let digest = &desc.digest;
         let scopes = vec![repo.push_scope()];
         let op = format!("check blob {digest}");
         let head = repo.url(&format!("blobs/{digest}"))?;
         let resp = self
-            .send(repo, &scopes, &op, true, reporter, |c| {
+            .send(repo, &scopes, &op, Retry::InOperation, reporter, |c| {
                 Ok(c.head(head.clone()))
             })
             .await?;
@@ -470,9 +472,14 @@ impl Client {
                 .append_pair("from", from);
             let mount_scopes = vec![repo.push_scope(), format!("repository:{from}:pull")];
             let res = self
-                .send(repo, &mount_scopes, &op, true, reporter, |c| {
-                    Ok(c.post(u.clone()).header(CONTENT_LENGTH, 0))
-                })
+                .send(
+                    repo,
+                    &mount_scopes,
+                    &op,
+                    Retry::InOperation,
+                    reporter,
+                    |c| Ok(c.post(u.clone()).header(CONTENT_LENGTH, 0)),
+                )
                 .await;
             match res {
                 Ok(resp) if resp.status().as_u16() == 201 => {
@@ -500,7 +507,8 @@ impl Client {
         let session = match session {
             Some(s) => s,
             None => {
-                self.start_upload(repo, &scopes, &format!("blob {digest}"), reporter)
+                let what = format!("blob {digest}");
+                self.start_upload(repo, &scopes, &what, Retry::InOperation, reporter)
                     .await?
             }
         };
@@ -525,8 +533,9 @@ impl Client {
                         ),
                     });
                     self.set_chunked(&repo.registry);
+                    let what = format!("blob {digest}");
                     let session = self
-                        .start_upload(repo, &scopes, &format!("blob {digest}"), reporter)
+                        .start_upload(repo, &scopes, &what, Retry::InOperation, reporter)
                         .await?;
                     self.upload_chunked(&up, session, reporter).await?;
                 }
@@ -542,12 +551,13 @@ impl Client {
         repo: &Repo,
         scopes: &[String],
         what: &str,
+        retry: Retry,
         reporter: &SharedReporter,
     ) -> Result<Url, RegistryError> {
         let op = format!("start upload of {what}");
         let u = repo.url("blobs/uploads/")?;
         let resp = self
-            .send(repo, scopes, &op, true, reporter, |c| {
+            .send(repo, scopes, &op, retry, reporter, |c| {
                 Ok(c.post(u.clone()).header(CONTENT_LENGTH, 0))
             })
             .await?;
@@ -572,7 +582,7 @@ impl Client {
         let u = with_digest(session, &desc.digest);
         let size = desc.size;
         let resp = self
-            .send(repo, scopes, &op, false, reporter, |c| {
+            .send(repo, scopes, &op, Retry::Never, reporter, |c| {
                 Ok(c.put(u.clone())
                     .header(CONTENT_TYPE, "application/octet-stream")
                     .header(CONTENT_LENGTH, size)
@@ -609,7 +619,7 @@ impl Client {
             );
             let u = session.clone();
             let resp = self
-                .send(repo, scopes, &op, false, reporter, |c| {
+                .send(repo, scopes, &op, Retry::Never, reporter, |c| {
                     Ok(c.patch(u.clone())
                         .header(CONTENT_TYPE, "application/octet-stream")
                         .header(CONTENT_LENGTH, chunk)
@@ -627,7 +637,7 @@ impl Client {
         let u = with_digest(&session, &desc.digest);
         let last = size - offset;
         let resp = self
-            .send(repo, scopes, &op, false, reporter, |c| {
+            .send(repo, scopes, &op, Retry::Never, reporter, |c| {
                 let mut rb = c
                     .put(u.clone())
                     .header(CONTENT_TYPE, "application/octet-stream")
@@ -654,7 +664,7 @@ impl Client {
         let op = format!("check manifest {reference}");
         let u = repo.url(&format!("manifests/{reference}"))?;
         let resp = self
-            .send(repo, scopes, &op, true, reporter, |c| {
+            .send(repo, scopes, &op, Retry::Temporary, reporter, |c| {
                 Ok(c.head(u.clone()).header(ACCEPT, MANIFEST_ACCEPT))
             })
             .await?;
@@ -683,7 +693,7 @@ impl Client {
             None => {
                 // No digest header: fetch the manifest and hash it.
                 let m = self
-                    .get_manifest(repo, scopes, reference, None, reporter)
+                    .get_manifest(repo, scopes, Wanted::named(reference, None), reporter)
                     .await?;
                 Ok(Some(m.descriptor))
             }
@@ -717,7 +727,7 @@ impl Client {
         let put = async {
             let u = repo.url(&format!("manifests/{reference}"))?;
             let resp = self
-                .send(repo, &scopes, &op, true, reporter, |c| {
+                .send(repo, &scopes, &op, Retry::Temporary, reporter, |c| {
                     Ok(c.put(u.clone())
                         .header(CONTENT_TYPE, desc.media_type.as_str())
                         .body(raw.clone()))

@@ -3,6 +3,7 @@
 
 use super::client::{Client, Repo};
 use super::error::RegistryError;
+use super::pull::Wanted;
 use crate::events::SharedReporter;
 use crate::layout::Layout;
 use crate::oci::{Descriptor, Digest, Document, ImageSource, ResolveError};
@@ -11,6 +12,8 @@ use crate::oci::{Descriptor, Digest, Document, ImageSource, ResolveError};
 pub(crate) struct RemoteSource<'a> {
     pub client: &'a Client,
     pub repo: Repo,
+    /// The image reference being read, as errors name it.
+    pub image: String,
     /// Documents and blobs found here (verified) are not fetched.
     pub layout: Option<&'a Layout>,
     pub reporter: &'a SharedReporter,
@@ -57,6 +60,7 @@ impl ImageSource for RemoteSource<'_> {
         &self,
         reference: &str,
         expected: Option<&Digest>,
+        declared_size: Option<u64>,
     ) -> Result<Document, RegistryError> {
         if let Some(raw) = expected.and_then(|d| self.local(d)) {
             return Document::from_raw(raw, None).map_err(|source| RegistryError::Manifest {
@@ -68,8 +72,11 @@ impl ImageSource for RemoteSource<'_> {
             .get_manifest(
                 &self.repo,
                 &[self.repo.pull_scope()],
-                reference,
-                expected,
+                Wanted {
+                    reference,
+                    digest: expected,
+                    size: declared_size,
+                },
                 self.reporter,
             )
             .await
@@ -80,7 +87,7 @@ impl ImageSource for RemoteSource<'_> {
             return Ok(raw);
         }
         self.client
-            .get_small_blob(&self.repo, descriptor, self.reporter)
+            .get_config(&self.repo, &self.image, descriptor, self.reporter)
             .await
     }
 

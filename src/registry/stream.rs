@@ -13,7 +13,7 @@ use http::header::{CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, LOCATION};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use super::client::{expect_status, Client, Repo};
+use super::client::{expect_status, Client, Repo, Retry};
 use super::error::RegistryError;
 use super::push::check_digest_header;
 use crate::events::{Event, SharedReporter};
@@ -133,7 +133,13 @@ impl Client {
     ) -> Result<(), RegistryError> {
         let scopes = [repo.push_scope()];
         let mut session = self
-            .start_upload(repo, &scopes, "a streamed layer", reporter)
+            .start_upload(
+                repo,
+                &scopes,
+                "a streamed layer",
+                Retry::Temporary,
+                reporter,
+            )
             .await?;
         let mut offset = 0u64;
         let mut pending: Option<Bytes> = None;
@@ -162,7 +168,7 @@ impl Client {
             (None, _) => rest,
         };
         let cancel = |session: url::Url| async move {
-            let _ = self.http.delete(session).send().await;
+            self.discard_upload(repo, session).await;
         };
         let Ok((digest, size)) = fin.await else {
             cancel(session).await;
@@ -182,7 +188,7 @@ impl Client {
             .append_pair("digest", &digest.to_string());
         let len = last.len() as u64;
         let resp = self
-            .send(repo, &scopes, &op, true, reporter, |c| {
+            .send(repo, &scopes, &op, Retry::Temporary, reporter, |c| {
                 let mut rb = c
                     .put(u.clone())
                     .header(CONTENT_TYPE, "application/octet-stream")
@@ -200,6 +206,18 @@ impl Client {
         Ok(())
     }
 
+    /// Tell the registry to drop an upload session (best effort, without credentials, within
+    /// the idle timeout and the URL rules).
+    async fn discard_upload(&self, repo: &Repo, session: url::Url) {
+        let op = "discard a streamed upload";
+        if self.credentials_go_to(repo, &session, op).is_err() {
+            return;
+        }
+        if let Ok(req) = self.http.delete(session).build() {
+            let _ = self.execute(req, &repo.name, op).await;
+        }
+    }
+
     async fn patch_part(
         &self,
         repo: &Repo,
@@ -212,7 +230,7 @@ impl Client {
         let end = offset + part.len() as u64 - 1;
         let op = format!("streaming upload bytes {offset}-{end}");
         let resp = self
-            .send(repo, scopes, &op, false, reporter, |c| {
+            .send(repo, scopes, &op, Retry::Never, reporter, |c| {
                 Ok(c.patch(session.clone())
                     .header(CONTENT_TYPE, "application/octet-stream")
                     .header(CONTENT_LENGTH, part.len())

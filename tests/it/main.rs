@@ -19,6 +19,7 @@ mod push_cli;
 mod registry;
 mod registry_bench;
 mod registry_faults;
+mod registry_hostile;
 mod sbom;
 mod sign;
 mod wordpress;

@@ -3,6 +3,7 @@
 
 pub mod ecr;
 pub mod engine;
+pub mod hostile;
 pub mod layer;
 pub mod registry;
 

@@ -153,6 +153,17 @@ pub struct RegistryOptions {
     pub tls: bool,
 }
 
+/// Where a test registry sends clients elsewhere (see [`Registry::start_redirecting`]).
+#[derive(Default, Clone)]
+pub struct Redirects {
+    /// `http.host`: the base URL the registry puts in the `Location` headers it generates
+    /// (upload sessions), e.g. another host or plain `http://` in front of a TLS registry.
+    pub public_url: Option<String>,
+    /// The `redirect` storage middleware: blob reads answer 307 to this base URL + the blob's
+    /// storage path (as a CDN in front of object storage would).
+    pub blob_redirect: Option<String>,
+}
+
 /// Debian's `docker-registry` (distribution 2.8) on 127.0.0.1, killed on drop.
 pub struct Registry {
     /// Its port.
@@ -173,6 +184,11 @@ impl Registry {
 
     /// Start a registry with options.
     pub fn start_with(opts: RegistryOptions) -> Self {
+        Self::start_redirecting(opts, Redirects::default())
+    }
+
+    /// Start a registry with options that sends clients to other URLs.
+    pub fn start_redirecting(opts: RegistryOptions, redirects: Redirects) -> Self {
         require_tool("docker-registry", "apt-get install docker-registry");
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
@@ -188,6 +204,14 @@ impl Registry {
                 "  tls:\n    certificate: {}\n    key: {}\n",
                 ca.cert.display(),
                 ca.key.display()
+            );
+        }
+        if let Some(url) = &redirects.public_url {
+            cfg += &format!("  host: {url}\n");
+        }
+        if let Some(url) = &redirects.blob_redirect {
+            cfg += &format!(
+                "middleware:\n  storage:\n    - name: redirect\n      options:\n        baseurl: {url}\n"
             );
         }
         if let Some((user, pass)) = &opts.htpasswd {
