@@ -21,7 +21,7 @@ use aws_sdk_ecr::config::http::HttpResponse;
 use aws_sdk_ecr::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_ecr::types::{
     EncryptionConfiguration, EncryptionType, ImageIdentifier, ImageScanningConfiguration,
-    ImageTagMutability,
+    ImageTagMutability, ImageTagMutabilityExclusionFilter, ImageTagMutabilityExclusionFilterType,
 };
 use base64::Engine as _;
 
@@ -188,6 +188,29 @@ pub enum EcrError {
         tag: String,
         /// The registry's message.
         message: String,
+    },
+    /// cosign's attachment tags would go to a repository whose immutable tags refuse them.
+    #[error(
+        "ECR repository {repository} has {mutability} tags and its registry does not answer the \
+         OCI referrers API, so the signature and SBOM would go under cosign's tags ({}), which \
+         immutable tags refuse; nothing was uploaded. Push through a registry endpoint that \
+         answers the referrers API (Amazon ECR's own does), or exempt cosign's tags: create the \
+         repository with target.ecr `tag_immutability: IMMUTABLE_WITH_EXCLUSION` and \
+         `tag_immutability_exclusion_filters: [\"sha256-*\"]`, or change it with `aws ecr \
+         put-image-tag-mutability --repository-name {name} --image-tag-mutability \
+         IMMUTABLE_WITH_EXCLUSION --image-tag-mutability-exclusion-filters \
+         filterType=WILDCARD,filter=sha256-*`",
+        tags.join(", ")
+    )]
+    AttachmentTagsImmutable {
+        /// Repository URI.
+        repository: String,
+        /// Repository name (for the command).
+        name: String,
+        /// Its tag mutability.
+        mutability: String,
+        /// The tags that would be written.
+        tags: Vec<String>,
     },
     /// The image scan ended without findings.
     #[error("image scan of {image} ended with {status}: {description}")]
@@ -1186,6 +1209,19 @@ impl EcrClient {
         }
         if let Some(m) = &settings.tag_immutability {
             req = req.image_tag_mutability(ImageTagMutability::from(m.as_str()));
+        }
+        for f in settings.exclusion_filters() {
+            let filter = ImageTagMutabilityExclusionFilter::builder()
+                .filter_type(ImageTagMutabilityExclusionFilterType::Wildcard)
+                .filter(f)
+                .build()
+                .map_err(|e| EcrError::Api {
+                    operation: "CreateRepository",
+                    code: "InvalidParameter".into(),
+                    message: e.to_string(),
+                    source: Box::new(e),
+                })?;
+            req = req.image_tag_mutability_exclusion_filters(filter);
         }
         if let Some(enc) = &settings.encryption {
             let mut b = EncryptionConfiguration::builder()

@@ -63,6 +63,9 @@ fn known_kind(e: &(dyn std::error::Error + 'static)) -> Option<ErrorKind> {
         crate::runtime::RuntimeError,
         crate::layout::LayoutError,
         crate::reference::ReferenceError,
+        crate::sign::SignError,
+        crate::sbom::SbomError,
+        crate::supply::SupplyError,
     );
     None
 }

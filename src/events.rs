@@ -100,6 +100,25 @@ pub fn null() -> SharedReporter {
     Arc::new(NullReporter)
 }
 
+/// Passes everything but blob transfers on (small attachments would only add noise).
+pub struct WithoutBlobs(pub SharedReporter);
+
+impl Reporter for WithoutBlobs {
+    fn event(&self, e: Event) {
+        if !matches!(
+            e,
+            Event::BlobStart { .. } | Event::BlobProgress { .. } | Event::BlobDone { .. }
+        ) {
+            self.0.event(e);
+        }
+    }
+}
+
+/// `reporter` without blob transfer events.
+pub fn without_blobs(reporter: &SharedReporter) -> SharedReporter {
+    Arc::new(WithoutBlobs(reporter.clone()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,3 +21,4 @@ pub mod runtime;
 pub mod sbom;
 pub mod sign;
 pub mod spec;
+pub mod supply;

@@ -169,6 +169,7 @@ mod tests {
             }],
             container: "c".into(),
             loaded: None,
+            sbom: None,
         };
         let pushed = PushOutcome {
             image_uri: format!("r/app@{}", d("m")),
@@ -187,6 +188,7 @@ mod tests {
                 requests: 1,
                 seconds: 1.0,
             }),
+            attachments: None,
         };
         let doc = serde_json::to_value(BuildManifest::of_build(
             &build,

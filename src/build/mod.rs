@@ -10,6 +10,7 @@ mod context;
 pub mod docker_archive;
 mod extract;
 mod report;
+mod sbom;
 mod stage;
 mod step;
 #[cfg(test)]
@@ -20,7 +21,7 @@ pub use cache::{key as cache_key, Cache, CacheEntry};
 pub use container::{BuildContainer, IMAGE_LABEL};
 pub use context::{BuildContext, BuildOptions, LayerUpload};
 pub use extract::{Extraction, LayerPath};
-pub use report::{BuildReport, CacheOutcome, LayerReport, LayerSource, StageTime};
+pub use report::{BuildReport, CacheOutcome, LayerReport, LayerSource, SbomReport, StageTime};
 pub use stage::{StageTimer, Stages};
 pub use step::{Step, StepOutcome, StepRun};
 
@@ -89,6 +90,9 @@ pub enum BuildError {
         #[source]
         source: OciError,
     },
+    /// The SBOM of the built image could not be made.
+    #[error("SBOM of the built image")]
+    Sbom(#[from] crate::sbom::SbomError),
     /// Interrupted by a signal.
     #[error("interrupted; build container removed")]
     Interrupted,
@@ -123,6 +127,8 @@ pub struct PlatformBuild {
     pub steps: Vec<StepOutcome>,
     /// The result.
     pub image: Image,
+    /// Its SBOM, stored in the layout (absent with `sbom: false`).
+    pub sbom: Option<SbomReport>,
 }
 
 /// Run a whole build: the image for the spec's platform, tagged `NAME:TAG` in the layout, and
@@ -187,10 +193,15 @@ pub async fn build_platform(
             Ok::<_, BuildError>(image)
         })
         .await?;
+    let sbom = match ctx.spec.sbom_format() {
+        Some(format) => Some(ctx.stage("sbom", sbom::store(ctx, &image, format)).await?),
+        None => None,
+    };
     Ok(PlatformBuild {
         base,
         steps: outcomes,
         image,
+        sbom,
     })
 }
 
@@ -268,6 +279,7 @@ fn report(
         stages: ctx.stages().times(),
         container: last.and_then(|s| s.container.clone()).unwrap_or_default(),
         loaded,
+        sbom: built.sbom,
     }
 }
 

@@ -106,4 +106,19 @@ pub struct BuildReport {
     pub container: String,
     /// `NAME:TAG` loaded into Docker, with `--load`.
     pub loaded: Option<String>,
+    /// The SBOM stored in the layout (absent with `sbom: false`).
+    pub sbom: Option<SbomReport>,
+}
+
+/// The SBOM of a built image, stored in the layout.
+#[derive(Debug, Clone, Serialize)]
+pub struct SbomReport {
+    /// The artifact manifest (its `subject` is the image manifest).
+    pub artifact: Descriptor,
+    /// The image manifest it describes.
+    pub subject: Digest,
+    /// The document's format.
+    pub format: crate::sbom::Format,
+    /// Packages listed.
+    pub packages: usize,
 }

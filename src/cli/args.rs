@@ -63,6 +63,10 @@ pub enum Command {
     Push(PushCmd),
     /// Show an image (layers, sizes, config, history) of the local layout or a registry.
     Inspect(InspectCmd),
+    /// Print the SBOM of an image of the local layout or a registry on stdout.
+    Sbom(SbomCmd),
+    /// Check that an image in a registry has a valid cosign signature by a key.
+    Verify(VerifyCmd),
     /// Print the JSON Schema of image.yaml (for editors' YAML language servers).
     Schema,
     /// Print shell completions.
@@ -89,6 +93,52 @@ pub struct InspectCmd {
     /// Platform to pick from an index [default: this machine's].
     #[arg(long, value_name = "OS/ARCH[/VARIANT]", value_parser = parse_platform)]
     pub platform: Option<crate::oci::Platform>,
+    /// Registry login and endpoint.
+    #[command(flatten)]
+    pub login: LoginArgs,
+}
+
+/// `wpimg sbom` arguments.
+#[derive(Debug, Args)]
+pub struct SbomCmd {
+    /// `NAME[:TAG]` of the local layout (see --oci-dir), `oci:DIR[:NAME:TAG]`, or a registry
+    /// image `docker://HOST/REPO:TAG` (also `HOST/REPO:TAG` when the layout lacks it).
+    pub reference: String,
+    /// Document format [default: the stored document's, else spdx-json]; another format than
+    /// the stored one is made from the image's layers.
+    #[arg(long, value_name = "spdx-json|cyclonedx-json", value_parser = parse_sbom_format)]
+    pub format: Option<crate::sbom::Format>,
+    /// Platform to pick from an index [default: this machine's].
+    #[arg(long, value_name = "OS/ARCH[/VARIANT]", value_parser = parse_platform)]
+    pub platform: Option<crate::oci::Platform>,
+    /// Registry login and endpoint.
+    #[command(flatten)]
+    pub login: LoginArgs,
+}
+
+/// `wpimg verify` arguments.
+#[derive(Debug, Args)]
+pub struct VerifyCmd {
+    /// The image: `HOST/REPO:TAG`, `HOST/REPO@sha256:...` (or with `docker://`).
+    pub reference: String,
+    /// PEM public key (cosign.pub, or `openssl pkey -pubout`) the signature must verify with.
+    #[arg(
+        long,
+        value_name = "PUB.pem",
+        required_unless_present = "kms",
+        conflicts_with = "kms"
+    )]
+    pub key: Option<PathBuf>,
+    /// AWS KMS key whose public key the signature must verify with: awskms:///alias/NAME,
+    /// awskms:///KEY-ID or awskms:///arn:aws:kms:REGION:ACCOUNT:key/ID.
+    #[arg(long, value_name = "awskms:///KEY")]
+    pub kms: Option<String>,
+    /// AWS region of a --kms key given by id or alias [default: AWS_REGION or the profile's].
+    #[arg(long, requires = "kms")]
+    pub region: Option<String>,
+    /// AWS profile for --kms [default: AWS_PROFILE or the default chain].
+    #[arg(long, requires = "kms")]
+    pub profile: Option<String>,
     /// Registry login and endpoint.
     #[command(flatten)]
     pub login: LoginArgs,
@@ -197,6 +247,18 @@ pub struct PushArgs {
     /// How long --wait-scan waits, in seconds.
     #[arg(long, default_value_t = 900, value_name = "SECONDS")]
     pub scan_timeout: u64,
+    /// Sign the pushed image (cosign's format) with this PEM ECDSA P-256 private key (PKCS#8),
+    /// or a cosign-generated encrypted key (password from COSIGN_PASSWORD or
+    /// --sign-password-stdin).
+    #[arg(long, value_name = "FILE", conflicts_with = "sign_kms")]
+    pub sign_key: Option<PathBuf>,
+    /// Sign the pushed image with an AWS KMS ECC_NIST_P256 key: awskms:///alias/NAME,
+    /// awskms:///KEY-ID or awskms:///arn:aws:kms:REGION:ACCOUNT:key/ID.
+    #[arg(long, value_name = "awskms:///KEY")]
+    pub sign_kms: Option<String>,
+    /// Read the password of an encrypted --sign-key from stdin (instead of COSIGN_PASSWORD).
+    #[arg(long, requires = "sign_key", conflicts_with = "password_stdin")]
+    pub sign_password_stdin: bool,
     /// Exit with code 3 when the scan finds anything at or above this severity
     /// (INFORMATIONAL, LOW, MEDIUM, HIGH, CRITICAL).
     #[arg(long, requires = "wait_scan", value_name = "SEVERITY", value_parser = clap::builder::ValueParser::new(|s: &str| s.parse::<crate::ecr::Severity>()))]
@@ -205,6 +267,10 @@ pub struct PushArgs {
 
 fn parse_platform(s: &str) -> Result<crate::oci::Platform, String> {
     crate::oci::Platform::parse(s).ok_or_else(|| format!("{s:?}: expected OS/ARCH[/VARIANT]"))
+}
+
+fn parse_sbom_format(s: &str) -> Result<crate::sbom::Format, String> {
+    s.parse()
 }
 
 fn parse_jobs(s: &str) -> Result<usize, String> {

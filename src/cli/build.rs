@@ -28,6 +28,12 @@ struct BuildResult<'a> {
 /// Run `wpimg build`.
 pub async fn run(g: &GlobalArgs, b: &BuildArgs, out: &Arc<Output>) -> anyhow::Result<()> {
     let rep: SharedReporter = out.clone();
+    if !b.push && (b.push_args.sign_key.is_some() || b.push_args.sign_kms.is_some()) {
+        return Err(super::InputError::new(
+            "--sign-key and --sign-kms sign the pushed image: add --push",
+        )
+        .into());
+    }
     let spec = settings::load_spec(g, &b.image_yaml)?;
     let engine = DockerEngine::connect().await?;
     engine_note(&engine, &rep).await;
@@ -35,7 +41,11 @@ pub async fn run(g: &GlobalArgs, b: &BuildArgs, out: &Arc<Output>) -> anyhow::Re
     // The push target is resolved first: a bad destination fails before the build, and a
     // registry push streams the new layer while it is compressed.
     let target = match b.push {
-        true => Some(settings::push_target(g, &b.push_args, Some(&spec))?),
+        true => {
+            let mut t = settings::push_target(g, &b.push_args, Some(&spec))?;
+            t.signer = settings::signer(&b.push_args).await?;
+            Some(t)
+        }
         false => None,
     };
     let options = BuildOptions {

@@ -6,14 +6,17 @@ mod build;
 mod inspect;
 pub mod output;
 mod push;
+mod sbom;
 mod schema;
 pub mod settings;
 mod validate;
+mod verify;
 
 use std::sync::Arc;
 
 pub use args::{
-    BuildArgs, Cli, Command, GlobalArgs, InspectCmd, LoginArgs, PushArgs, PushCmd, ValidateArgs,
+    BuildArgs, Cli, Command, GlobalArgs, InspectCmd, LoginArgs, PushArgs, PushCmd, SbomCmd,
+    ValidateArgs, VerifyCmd,
 };
 pub use output::Output;
 
@@ -75,6 +78,8 @@ async fn dispatch(cli: &Cli, out: &Arc<Output>) -> anyhow::Result<()> {
         Command::Build(b) => build::run(g, b, out).await,
         Command::Push(p) => push::run(g, p, out).await,
         Command::Inspect(i) => inspect::run(g, i, out).await,
+        Command::Sbom(c) => sbom::run(g, c, out).await,
+        Command::Verify(v) => verify::run(g, v, out).await,
         Command::Schema => schema::run(),
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();

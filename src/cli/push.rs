@@ -22,7 +22,8 @@ pub async fn run(g: &GlobalArgs, p: &PushCmd, out: &Arc<Output>) -> anyhow::Resu
         Some(from) => from_layout(from)?,
         None => built_image(g, p)?,
     };
-    let target = settings::push_target(g, &p.push_args, spec.as_ref())?;
+    let mut target = settings::push_target(g, &p.push_args, spec.as_ref())?;
+    target.signer = settings::signer(&p.push_args).await?;
     let pushed = push(&target, &layout, &desc, out).await?;
     if let Some(path) = &p.manifest {
         let revision = git_revision(crate::spec::dir_of(&p.image_yaml));

@@ -8,9 +8,11 @@ use anyhow::Context;
 
 use super::args::{BuildArgs, GlobalArgs, LoginArgs, PushArgs};
 use super::InputError;
+use crate::auth::Secret;
 use crate::publish::{push_tags, EcrPushOptions, PushTarget, TargetKind};
 use crate::reference::Reference;
 use crate::registry::{Client, ClientOptions};
+use crate::sign::{KmsKeyRef, KmsSigner, PrivateKey, Signer};
 use crate::spec::ImageSpec;
 
 /// Load, interpolate and validate an image.yaml with the `--var`/`--var-file` overrides.
@@ -87,23 +89,61 @@ pub fn with_login(
         opts = opts.with_endpoint(registry, url);
     }
     if let (Some(user), true) = (&login.username, login.password_stdin) {
-        let mut password = String::new();
-        std::io::stdin()
-            .read_line(&mut password)
-            .context("read the password from stdin")?;
-        let password = password.trim_end_matches(['\n', '\r']).to_string();
-        if password.is_empty() {
-            return Err(InputError::new("--password-stdin: stdin held no password").into());
-        }
         opts = opts.with_credential(
             registry,
             crate::auth::Credential::Basic {
                 username: user.to_string(),
-                password: crate::auth::Secret::new(password),
+                password: password_from_stdin("--password-stdin")?,
             },
         );
     }
     Ok(opts)
+}
+
+/// The first line of stdin as a secret (`flag` names it in errors); empty is refused.
+fn password_from_stdin(flag: &str) -> anyhow::Result<Secret> {
+    let mut line = zeroize::Zeroizing::new(String::new());
+    std::io::stdin()
+        .read_line(&mut line)
+        .with_context(|| format!("{flag}: read the password from stdin"))?;
+    let password = line.trim_end_matches(['\n', '\r']);
+    if password.is_empty() {
+        return Err(InputError::new(format!("{flag}: stdin held no password")).into());
+    }
+    Ok(Secret::new(password))
+}
+
+/// The signer of a push: `--sign-key` (an encrypted key's password from `--sign-password-stdin`,
+/// else `COSIGN_PASSWORD`) or `--sign-kms` (its public key is fetched now, so a missing key or
+/// one that cannot make cosign signatures fails before anything is uploaded).
+pub async fn signer(args: &PushArgs) -> anyhow::Result<Option<Arc<Signer>>> {
+    if let Some(path) = &args.sign_key {
+        let password = match args.sign_password_stdin {
+            true => Some(password_from_stdin("--sign-password-stdin")?),
+            false => std::env::var("COSIGN_PASSWORD").ok().map(Secret::new),
+        };
+        let key = PrivateKey::load(path, password.as_ref()).context("--sign-key")?;
+        return Ok(Some(Arc::new(Signer::Key(key))));
+    }
+    let Some(reference) = &args.sign_kms else {
+        return Ok(None);
+    };
+    let signer = kms_signer(reference, args.region.clone(), args.profile.clone())
+        .await
+        .context("--sign-kms")?;
+    signer.public_key().await.context("--sign-kms")?;
+    Ok(Some(Arc::new(Signer::Kms(signer))))
+}
+
+/// An AWS KMS signer for an `awskms://` reference (region: the key ARN's, else `region`, else
+/// the SDK configuration's).
+pub async fn kms_signer(
+    reference: &str,
+    region: Option<String>,
+    profile: Option<String>,
+) -> Result<KmsSigner, crate::sign::SignError> {
+    let key: KmsKeyRef = reference.parse()?;
+    KmsSigner::new(key, region, profile).await
 }
 
 /// `--to` (with its tag split off), else `target.repository`.
@@ -160,6 +200,7 @@ pub fn push_target(
         return Ok(PushTarget {
             kind: TargetKind::Ecr(Box::new(options)),
             tags,
+            signer: None,
         });
     }
     let reference =
@@ -175,6 +216,7 @@ pub fn push_target(
             },
         },
         tags,
+        signer: None,
     })
 }
 

@@ -2,8 +2,10 @@
 //! the ECR side of it (repository, tag immutability, token, scan) around the registry client's
 //! push; ECR credentials for pulls and the cache repository.
 
+mod attach;
 mod target;
 
+pub use attach::{AttachReport, Attachments, SbomAttachment, SignatureAttachment};
 pub use target::{push_tags, PushDetails, PushOutcome, PushTarget, TargetKind};
 
 use std::sync::Arc;
@@ -58,6 +60,12 @@ pub enum PublishError {
     /// The destination cannot be a registry reference.
     #[error("ECR repository {0:?} is not a valid reference")]
     BadRepository(String),
+    /// Signing or attaching failed.
+    #[error("attaching the signature and SBOM")]
+    Attach(#[source] Box<crate::sign::SignError>),
+    /// An SBOM of the layout could not be read.
+    #[error("reading the SBOM to attach")]
+    Sbom(#[source] Box<crate::sbom::SbomError>),
 }
 
 impl crate::error::HasKind for PublishError {
@@ -68,7 +76,8 @@ impl crate::error::HasKind for PublishError {
             PublishError::Registry(e) => e.kind(),
             PublishError::Findings { .. } => ErrorKind::Findings,
             PublishError::BadRepository(_) => ErrorKind::BadInput,
-            PublishError::RepositoryUnknown { .. } => ErrorKind::Failure,
+            PublishError::Attach(e) => e.kind(),
+            PublishError::RepositoryUnknown { .. } | PublishError::Sbom(_) => ErrorKind::Failure,
         }
     }
 }
@@ -221,14 +230,17 @@ pub fn with_ecr_pull_credentials(
     opts.with_provider(registry, Arc::new(provider))
 }
 
-/// Push `manifest` from `layout` to ECR: ensure the repository, check immutable tags before
-/// uploading anything, push with an ECR token, then optionally wait for the scan.
+/// Push `manifest` from `layout` to ECR with its `attachments`: ensure the repository, check
+/// immutable tags (the image's, and cosign's attachment tags when the registry has no referrers
+/// API) before uploading anything, push with an ECR token, attach, then optionally wait for
+/// the scan. Returns the push's report and what was attached.
 pub async fn push_to_ecr(
     layout: &Layout,
     manifest: &Descriptor,
     opts: EcrPushOptions,
+    attachments: &Attachments,
     rep: &SharedReporter,
-) -> Result<EcrPushReport, PublishError> {
+) -> Result<(EcrPushReport, Option<AttachReport>), PublishError> {
     let repo_ref = EcrRepoRef::parse(&opts.repository, Some(&opts.settings))?;
     let region = ecr::choose_region(opts.region.as_deref(), Some(&opts.settings), &repo_ref);
     let client = EcrClient::new(region, opts.profile.clone()).await?;
@@ -259,26 +271,37 @@ pub async fn push_to_ecr(
             ),
         });
     }
+    let registry = ecr_registry(&opts, &repo, &tokens)?;
+    let dest: Reference = repo
+        .uri()
+        .parse()
+        .map_err(|_| PublishError::BadRepository(repo.uri()))?;
+    let mode = match attachments.is_empty() {
+        true => None,
+        false => {
+            let mode = attachments
+                .mode(&registry, &dest, &manifest.digest, rep)
+                .await?;
+            check_attachment_tags(&status, &repo, attachments, mode, &manifest.digest)?;
+            Some(mode)
+        }
+    };
     let push = if plan.push.is_empty() && !plan.unchanged.is_empty() {
         None
     } else {
-        let mut copts = opts
-            .client
-            .clone()
-            .with_provider(&repo.host, Arc::new(EcrTokens(tokens.token_fn())));
-        if let Some(url) = &opts.registry_endpoint {
-            copts = copts.with_endpoint(&repo.host, url.clone());
-        }
-        let registry = Client::new(copts).map_err(Box::new)?;
-        let dest: Reference = repo
-            .uri()
-            .parse()
-            .map_err(|_| PublishError::BadRepository(repo.uri()))?;
         let report = registry
             .push_image(layout, manifest, &dest, &plan.push, rep)
             .await
             .map_err(|e| registry_failure(&repo.uri(), e))?;
         Some(report)
+    };
+    let attached = match mode {
+        Some(m) => Some(
+            attachments
+                .push(&registry, layout, &dest, manifest, m, rep)
+                .await?,
+        ),
+        None => None,
     };
     let scan = match opts.wait_scan {
         Some(timeout) => {
@@ -296,14 +319,56 @@ pub async fn push_to_ecr(
         }
         None => None,
     };
-    Ok(EcrPushReport {
+    let report = EcrPushReport {
         image_uri,
         repository_created: status.created,
         warnings: status.warnings.clone(),
         unchanged_tags: plan.unchanged,
         push,
         scan,
-    })
+    };
+    Ok((report, attached))
+}
+
+/// The registry client of an ECR push: ECR tokens for the repository's host, and
+/// `--registry-endpoint` when given.
+fn ecr_registry(
+    opts: &EcrPushOptions,
+    repo: &ecr::EcrRepo,
+    tokens: &ecr::TokenProvider,
+) -> Result<Client, PublishError> {
+    let mut copts = opts
+        .client
+        .clone()
+        .with_provider(&repo.host, Arc::new(EcrTokens(tokens.token_fn())));
+    if let Some(url) = &opts.registry_endpoint {
+        copts = copts.with_endpoint(&repo.host, url.clone());
+    }
+    Client::new(copts).map_err(|e| PublishError::Registry(Box::new(e)))
+}
+
+/// Under cosign's tag scheme, a repository whose tags are immutable would refuse the
+/// attachment tags (a second signature, a new SBOM): refuse before uploading anything.
+fn check_attachment_tags(
+    status: &ecr::RepoStatus,
+    repo: &ecr::EcrRepo,
+    attachments: &Attachments,
+    mode: crate::sign::remote::AttachMode,
+    top: &crate::oci::Digest,
+) -> Result<(), EcrError> {
+    if mode != crate::sign::remote::AttachMode::Tags {
+        return Ok(());
+    }
+    let tags = attachments.tags(top);
+    if tags.iter().any(|t| status.tag_is_immutable(t)) {
+        return Err(EcrError::AttachmentTagsImmutable {
+            repository: repo.uri(),
+            name: repo.name.clone(),
+            mutability: status.tag_mutability.clone(),
+            tags,
+        });
+    }
+    Ok(())
 }
 
 /// Turn a registry error of an ECR push into a helpful one, by ECR's error codes.

@@ -7,7 +7,7 @@ use std::time::Instant;
 use serde::ser::SerializeMap;
 use serde::Serialize;
 
-use super::{push_to_ecr, EcrPushOptions, EcrPushReport, PublishError};
+use super::{push_to_ecr, AttachReport, Attachments, EcrPushOptions, EcrPushReport, PublishError};
 use crate::events::{BlobOutcome, Event, SharedReporter};
 use crate::layout::Layout;
 use crate::oci::{Descriptor, Digest};
@@ -58,6 +58,8 @@ pub struct PushTarget {
     pub kind: TargetKind,
     /// The tags, first one first.
     pub tags: Vec<String>,
+    /// Who signs the pushed image (`--sign-key`, `--sign-kms`), if anyone.
+    pub signer: Option<Arc<crate::sign::Signer>>,
 }
 
 /// What a push did, by destination kind.
@@ -84,6 +86,8 @@ pub struct PushOutcome {
     pub seconds: f64,
     /// The destination's own report.
     pub details: PushDetails,
+    /// The SBOMs and signature pushed with the image.
+    pub attachments: Option<AttachReport>,
 }
 
 impl Serialize for PushOutcome {
@@ -102,13 +106,29 @@ impl Serialize for PushOutcome {
         }
         m.serialize_entry("image_uri", &self.image_uri)?;
         m.serialize_entry("digest", &self.digest)?;
+        if let Some(a) = &self.attachments {
+            m.serialize_entry("attachments", a)?;
+        }
         m.end()
     }
 }
 
 impl PushOutcome {
-    /// One human line: what was pushed and how.
+    /// What was pushed and how (one line, plus one per attachment).
     pub fn summary(&self) -> String {
+        let mut s = self.image_summary();
+        if let Some(a) = &self.attachments {
+            for b in &a.sboms {
+                s += &format!("\nSBOM ({}) of {} at {}", b.format, b.subject, b.reference);
+            }
+            if let Some(sig) = &a.signature {
+                s += &format!("\nsigned by {} at {}", sig.signer, sig.reference);
+            }
+        }
+        s
+    }
+
+    fn image_summary(&self) -> String {
         match &self.details {
             PushDetails::Registry(r) => format!(
                 "pushed {} tags [{}]: {} uploaded, {} mounted, {} skipped, {:.1} MB in {:.1}s",
@@ -148,7 +168,8 @@ impl PushTarget {
         }
     }
 
-    /// Push the image (or index) `manifest` of `layout`, then its tags (stage `push`).
+    /// Push the image (or index) `manifest` of `layout`, then its tags, then its attachments
+    /// (stage `push`).
     pub async fn push(
         &self,
         layout: &Layout,
@@ -159,12 +180,29 @@ impl PushTarget {
             stage: "push".into(),
         });
         let started = Instant::now();
+        let attachments = Attachments::plan(layout, manifest, self.signer.clone())?;
         let mut outcome = match &self.kind {
             TargetKind::Registry { client, repository } => {
+                let mode = match attachments.is_empty() {
+                    true => None,
+                    false => Some(
+                        attachments
+                            .mode(client, repository, &manifest.digest, reporter)
+                            .await?,
+                    ),
+                };
                 let report = client
                     .push_image(layout, manifest, repository, &self.tags, reporter)
                     .await
                     .map_err(Box::new)?;
+                let attached = match mode {
+                    Some(m) => Some(
+                        attachments
+                            .push(client, layout, repository, manifest, m, reporter)
+                            .await?,
+                    ),
+                    None => None,
+                };
                 PushOutcome {
                     image_uri: format!("{}@{}", repository.repo_path(), report.manifest.digest),
                     digest: report.manifest.digest.clone(),
@@ -172,6 +210,7 @@ impl PushTarget {
                     tags: report.tags.clone(),
                     seconds: 0.0,
                     details: PushDetails::Registry(report),
+                    attachments: attached,
                 }
             }
             TargetKind::Ecr(options) => {
@@ -179,7 +218,8 @@ impl PushTarget {
                     tags: self.tags.clone(),
                     ..options.as_ref().clone()
                 };
-                let report = push_to_ecr(layout, manifest, options, reporter).await?;
+                let (report, attached) =
+                    push_to_ecr(layout, manifest, options, &attachments, reporter).await?;
                 PushOutcome {
                     repository: report
                         .image_uri
@@ -189,6 +229,7 @@ impl PushTarget {
                     digest: manifest.digest.clone(),
                     tags: self.tags.clone(),
                     seconds: 0.0,
+                    attachments: attached,
                     details: PushDetails::Ecr(report),
                 }
             }

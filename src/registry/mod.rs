@@ -12,6 +12,7 @@ mod error;
 mod guard;
 mod pull;
 mod push;
+mod referrers;
 mod source;
 mod sources;
 mod stream;

@@ -321,7 +321,7 @@ impl Client {
         Ok(raw)
     }
 
-    async fn pull_blob(
+    pub(super) async fn pull_blob(
         &self,
         repo: &Repo,
         layout: &Layout,

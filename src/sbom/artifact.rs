@@ -34,6 +34,12 @@ pub const ANNOTATION_TITLE: &str = "org.opencontainers.image.title";
 pub const ANNOTATION_CREATED: &str = "org.opencontainers.image.created";
 /// Largest SBOM document read back from a layout.
 pub const MAX_DOCUMENT_SIZE: u64 = 256 << 20;
+/// Manifest annotation: the tool that wrote the document (`wpimg-0.1.0`).
+pub const ANNOTATION_GENERATOR: &str = "io.wpimg.sbom.generator";
+/// Manifest annotation: the image name the document gives.
+pub const ANNOTATION_NAME: &str = "io.wpimg.sbom.name";
+/// Manifest annotation: the number of packages the document lists.
+pub const ANNOTATION_PACKAGES: &str = "io.wpimg.sbom.packages";
 
 /// An OCI image manifest with the OCI 1.1 artifact fields.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -119,7 +125,20 @@ pub fn write_sbom(
     subject: &Descriptor,
     created: &str,
 ) -> Result<Descriptor, SbomError> {
-    let manifest = sbom_manifest(document, format, subject, created);
+    write_sbom_annotated(layout, document, format, subject, created, &BTreeMap::new())
+}
+
+/// [`write_sbom`] with further manifest annotations (e.g. [`ANNOTATION_GENERATOR`]).
+pub fn write_sbom_annotated(
+    layout: &Layout,
+    document: &[u8],
+    format: Format,
+    subject: &Descriptor,
+    created: &str,
+    annotations: &BTreeMap<String, String>,
+) -> Result<Descriptor, SbomError> {
+    let mut manifest = sbom_manifest(document, format, subject, created);
+    manifest.annotations.extend(annotations.clone());
     layout.write_blob(EMPTY_JSON)?;
     layout.write_blob(document)?;
     let raw = crate::oci::to_canonical_json(&manifest);
@@ -139,6 +158,8 @@ pub struct FoundSbom {
     pub format: Format,
     /// The document blob.
     pub document: Descriptor,
+    /// The artifact manifest's annotations.
+    pub annotations: BTreeMap<String, String>,
 }
 
 /// The SBOM artifacts in the layout whose `subject` is `subject` (newest index entry first).
@@ -175,6 +196,7 @@ pub fn find_sboms(layout: &Layout, subject: &Digest) -> Result<Vec<FoundSbom>, S
             manifest: entry.clone(),
             format,
             document: document.clone(),
+            annotations: m.annotations.clone(),
         });
     }
     Ok(found)

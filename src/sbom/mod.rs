@@ -108,6 +108,12 @@ pub enum SbomError {
     },
 }
 
+impl crate::error::HasKind for SbomError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        crate::error::ErrorKind::Failure
+    }
+}
+
 impl SbomError {
     fn db(path: &str, message: impl Into<String>) -> Self {
         Self::Database {

@@ -25,6 +25,10 @@ pub const SIGNATURE_ANNOTATION: &str = "dev.cosignproject.cosign/signature";
 pub const CERTIFICATE_ANNOTATION: &str = "dev.sigstore.cosign/certificate";
 /// Largest signature manifest or payload read (containers/image's limit is 4 MiB).
 pub const MAX_SIGNATURE_SIZE: u64 = 4 << 20;
+/// The artifact type of a signature stored as an OCI 1.1 referrer: cosign's
+/// `--registry-referrers-mode oci-1-1` puts it in `config.mediaType` (the referrers API
+/// reports it as `artifactType`).
+pub const SIGNATURE_ARTIFACT_TYPE: &str = "application/vnd.dev.cosign.artifact.sig.v1+json";
 
 /// The tag cosign stores signatures of `digest` under (`sha256-<hex>.sig`).
 pub fn signature_tag(digest: &Digest) -> String {
@@ -128,6 +132,17 @@ pub struct Image {
 impl Image {
     /// The image cosign writes for these layers (in this order).
     pub fn new(layers: Vec<Layer>) -> Self {
+        Self::build(layers, MEDIA_TYPE_OCI_CONFIG, None)
+    }
+
+    /// The signature image as an OCI 1.1 referrer of `subject`, as cosign's
+    /// `--registry-referrers-mode oci-1-1` writes it: the same config blob under the media type
+    /// [`SIGNATURE_ARTIFACT_TYPE`], and `subject` (media type, size, digest) after the layers.
+    pub fn referrer(layers: Vec<Layer>, subject: &Descriptor) -> Self {
+        Self::build(layers, SIGNATURE_ARTIFACT_TYPE, Some(subject))
+    }
+
+    fn build(layers: Vec<Layer>, config_media_type: &str, subject: Option<&Descriptor>) -> Self {
         let digests: Vec<Digest> = layers
             .iter()
             .map(|l| Digest::of_bytes(&l.content))
@@ -138,14 +153,24 @@ impl Image {
             .zip(&digests)
             .map(|(l, d)| ggcr_descriptor(&l.media_type, d, l.content.len() as u64, &l.annotations))
             .collect();
-        let manifest = json!({
-            "schemaVersion": 2,
-            "mediaType": MEDIA_TYPE_OCI_MANIFEST,
-            "config": ggcr_descriptor(MEDIA_TYPE_OCI_CONFIG, &Digest::of_bytes(&config), config.len() as u64, &BTreeMap::new()),
-            "layers": layer_values,
-        });
+        let none = BTreeMap::new();
+        let config_desc = ggcr_descriptor(
+            config_media_type,
+            &Digest::of_bytes(&config),
+            config.len() as u64,
+            &none,
+        );
+        let mut manifest = Map::new();
+        manifest.insert("schemaVersion".into(), json!(2));
+        manifest.insert("mediaType".into(), json!(MEDIA_TYPE_OCI_MANIFEST));
+        manifest.insert("config".into(), config_desc);
+        manifest.insert("layers".into(), Value::Array(layer_values));
+        if let Some(s) = subject {
+            let s = ggcr_descriptor(&s.media_type, &s.digest, s.size, &none);
+            manifest.insert("subject".into(), s);
+        }
         Self {
-            manifest: serde_json::to_vec(&manifest).unwrap_or_default(),
+            manifest: serde_json::to_vec(&Value::Object(manifest)).unwrap_or_default(),
             config,
             layers,
         }
@@ -285,6 +310,16 @@ mod tests {
         let layers = read_layers(&layout, &desc).unwrap();
         assert_eq!(layers, img.layers);
         assert_eq!(layers[1].signature_b64(), Some("c2lnMg=="));
+        let subject = Descriptor::new(MEDIA_TYPE_OCI_MANIFEST, Digest::of_bytes(b"m"), 1);
+        let r = Image::referrer(img.layers.clone(), &subject);
+        assert_eq!(r.config, img.config);
+        let m: Value = serde_json::from_slice(&r.manifest).unwrap();
+        assert_eq!(m["config"]["mediaType"], SIGNATURE_ARTIFACT_TYPE);
+        assert_eq!(m["subject"]["digest"], subject.digest.to_string());
+        assert_eq!(
+            read_layers(&layout, &r.write(&layout).unwrap()).unwrap(),
+            img.layers
+        );
         let f = file_image(b"{\"spdx\":1}".to_vec(), "text/spdx+json");
         assert!(String::from_utf8(f.manifest)
             .unwrap()

@@ -90,12 +90,21 @@ pub enum SignError {
 impl SignError {
     /// The exit code this error maps to: 2 for bad input (key files, references), else 1.
     pub fn exit_code(&self) -> i32 {
+        crate::error::HasKind::kind(self).exit_code()
+    }
+}
+
+impl crate::error::HasKind for SignError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        use crate::error::ErrorKind;
         match self {
             SignError::KeyFile { .. }
             | SignError::Key(_)
             | SignError::KmsRef(_)
-            | SignError::Reference(_) => 2,
-            _ => 1,
+            | SignError::KmsKeySpec { .. }
+            | SignError::Reference(_) => ErrorKind::BadInput,
+            SignError::Registry(e) => e.kind(),
+            _ => ErrorKind::Failure,
         }
     }
 }

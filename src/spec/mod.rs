@@ -7,6 +7,7 @@
 //! non-`Option` field is a missing required key.
 
 mod de;
+mod sbom;
 mod tree;
 mod validate;
 mod vars;
@@ -19,6 +20,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub use crate::layer::Compression;
+pub use sbom::SbomSetting;
 pub use vars::{interpolate, Overrides, Var, Vars};
 
 /// The value shown in place of a secret one.
@@ -184,6 +186,9 @@ pub struct ImageSpec {
     pub layer: Option<LayerSettings>,
     /// Optional: where `wpimg push` goes.
     pub target: Option<Target>,
+    /// Optional: the SBOM made for the built image (on by default): `false` turns it off,
+    /// `{ format: spdx-json | cyclonedx-json }` picks the attached document's format.
+    pub sbom: Option<SbomSetting>,
     /// Where the spec came from (not a key of image.yaml).
     #[serde(skip_deserializing)]
     #[schemars(skip)]
@@ -360,8 +365,12 @@ pub struct EcrSettings {
     /// Optional: scan on push (on create).
     #[schemars(schema_with = "schema::bool_or_variable")]
     pub scan_on_push: Option<bool>,
-    /// Optional: MUTABLE or IMMUTABLE (on create).
+    /// Optional: MUTABLE, IMMUTABLE, IMMUTABLE_WITH_EXCLUSION or MUTABLE_WITH_EXCLUSION
+    /// (on create).
     pub tag_immutability: Option<String>,
+    /// Optional: wildcard filters of the tags exempt from `tag_immutability` (on create, with
+    /// the `*_WITH_EXCLUSION` settings; default ["sha256-*"], cosign's signature and SBOM tags).
+    pub tag_immutability_exclusion_filters: Option<Vec<String>>,
     /// Optional: AES256 or KMS (on create).
     pub encryption: Option<String>,
     /// Optional: KMS key for `encryption: KMS`.
@@ -370,10 +379,28 @@ pub struct EcrSettings {
     pub lifecycle_policy: Option<PathBuf>,
 }
 
+/// The exclusion filter that exempts cosign's attachment tags (`sha256-<hex>.sig`, `.sbom`).
+pub const ATTACHMENT_TAG_FILTER: &str = "sha256-*";
+
 impl EcrSettings {
     /// Whether a missing repository is created.
     pub fn creates_repository(&self) -> bool {
         self.create_repository == Some(true)
+    }
+
+    /// The exclusion filters applied on create: the given ones, else `sha256-*` with a
+    /// `*_WITH_EXCLUSION` mutability, else none.
+    pub fn exclusion_filters(&self) -> Vec<String> {
+        match (
+            &self.tag_immutability_exclusion_filters,
+            self.tag_immutability.as_deref(),
+        ) {
+            (Some(f), _) => f.clone(),
+            (None, Some(m)) if m.ends_with("_WITH_EXCLUSION") => {
+                vec![ATTACHMENT_TAG_FILTER.to_string()]
+            }
+            _ => Vec::new(),
+        }
     }
 }
 
@@ -394,6 +421,11 @@ impl ImageSpec {
     /// The `image:` settings (empty when absent).
     pub fn image_settings(&self) -> ImageSettings {
         self.image.clone().unwrap_or_default()
+    }
+
+    /// The format of the SBOM attached to the built image; `None` with `sbom: false`.
+    pub fn sbom_format(&self) -> Option<crate::sbom::Format> {
+        self.sbom.clone().unwrap_or_default().attached_format()
     }
 
     /// The `layer:` settings (defaults when absent).

@@ -251,3 +251,101 @@ fn json_schema_describes_every_key() {
     );
     assert!(text.contains("draft-07"), "{text}");
 }
+
+#[test]
+fn sbom_is_on_by_default_off_with_false_and_takes_a_format() {
+    use crate::sbom::Format;
+    let (_d, r) = load_str(MINIMAL);
+    assert_eq!(r.unwrap().sbom_format(), Some(Format::SpdxJson));
+    let (_d, r) = load_str(&format!("{MINIMAL}sbom: false\n"));
+    let s = r.unwrap();
+    assert_eq!(s.sbom_format(), None);
+    assert_eq!(s.redacted_json()["sbom"], false);
+    let (_d, r) = load_str(&format!("{MINIMAL}sbom: true\n"));
+    assert_eq!(r.unwrap().sbom_format(), Some(Format::SpdxJson));
+    let (_d, r) = load_str(&format!("{MINIMAL}sbom:\n  format: cyclonedx-json\n"));
+    let s = r.unwrap();
+    assert_eq!(s.sbom_format(), Some(Format::CycloneDxJson));
+    assert_eq!(
+        s.redacted_json()["sbom"],
+        serde_json::json!({"format": "cyclonedx-json"})
+    );
+    let (_d, r) = load_str(&format!(
+        "variables: {{ s: \"false\" }}\n{MINIMAL}sbom: ${{s}}\n"
+    ));
+    assert_eq!(r.unwrap().sbom_format(), None);
+}
+
+#[test]
+fn sbom_mistakes_are_located_and_reported_with_the_others() {
+    let (_d, r) = load_str(&format!(
+        "{MINIMAL}sbom:\n  format: spdx\n  formt: x\nimage:\n  expose: [0]\n"
+    ));
+    let e = r.unwrap_err();
+    let ps = e.problems();
+    assert_eq!(ps.len(), 3, "{e}");
+    assert_eq!((ps[0].line, ps[0].key.as_str()), (6, "sbom.format"));
+    assert!(ps[0].message.contains("spdx-json, cyclonedx-json"), "{e}");
+    assert_eq!((ps[1].line, ps[1].key.as_str()), (7, "sbom.formt"));
+    assert!(ps[1].message.contains("unknown key \"formt\""), "{e}");
+    assert_eq!(ps[2].key, "image.expose[0]");
+    let (_d, r) = load_str(&format!("{MINIMAL}sbom: [spdx-json]\n"));
+    let e = r.unwrap_err();
+    assert_eq!(e.problems().len(), 1, "{e}");
+    assert_eq!(
+        (e.problems()[0].line, e.problems()[0].key.as_str()),
+        (5, "sbom")
+    );
+    assert!(
+        e.to_string().contains("expected false, true or a mapping"),
+        "{e}"
+    );
+    let (_d, r) = load_str(&format!("{MINIMAL}sbom: maybe\n"));
+    assert!(r.unwrap_err().to_string().contains("got \"maybe\""));
+    assert!(json_schema()["properties"].get("sbom").is_some());
+}
+
+#[test]
+fn ecr_tag_immutability_with_exclusions() {
+    let ecr = |yaml: &str| {
+        format!(
+            "{MINIMAL}target:\n  repository: 123456789012.dkr.ecr.us-east-1.amazonaws.com/app\n  ecr:\n{yaml}"
+        )
+    };
+    let (_d, r) = load_str(&ecr("    tag_immutability: IMMUTABLE_WITH_EXCLUSION\n"));
+    let s = r.unwrap();
+    let e = s.target.unwrap().ecr.unwrap();
+    assert_eq!(e.exclusion_filters(), ["sha256-*"]);
+    let (_d, r) = load_str(&ecr(
+        "    tag_immutability: IMMUTABLE_WITH_EXCLUSION\n    tag_immutability_exclusion_filters: [\"sha256-*\", \"dev-*\"]\n",
+    ));
+    let e = r.unwrap().target.unwrap().ecr.unwrap();
+    assert_eq!(e.exclusion_filters(), ["sha256-*", "dev-*"]);
+    let (_d, r) = load_str(&ecr("    tag_immutability: IMMUTABLE\n"));
+    assert!(r
+        .unwrap()
+        .target
+        .unwrap()
+        .ecr
+        .unwrap()
+        .exclusion_filters()
+        .is_empty());
+    let (_d, r) = load_str(&ecr(
+        "    tag_immutability: IMMUTABLE\n    tag_immutability_exclusion_filters: [\"sha256-*\"]\n",
+    ));
+    let e = r.unwrap_err().to_string();
+    assert!(
+        e.contains("target.ecr.tag_immutability_exclusion_filters: exclusion filters need"),
+        "{e}"
+    );
+    let (_d, r) = load_str(&ecr(
+        "    tag_immutability: MUTABLE_WITH_EXCLUSION\n    tag_immutability_exclusion_filters: [\"a b\"]\n",
+    ));
+    let e = r.unwrap_err().to_string();
+    assert!(e.contains("tag_immutability_exclusion_filters[0]"), "{e}");
+    let (_d, r) = load_str(&ecr("    tag_immutability: SOMETIMES\n"));
+    assert!(r
+        .unwrap_err()
+        .to_string()
+        .contains("IMMUTABLE_WITH_EXCLUSION"));
+}

@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use super::{
-    ImageSettings, ImageSpec, KeyPath, LayerSettings, Problem, Provision, Target, REDACTED,
+    ImageSettings, ImageSpec, KeyPath, LayerSettings, Problem, Provision, SbomSetting, Target,
+    REDACTED,
 };
 use crate::reference::{validate_repository, validate_tag, Reference};
 
@@ -78,6 +79,24 @@ pub(crate) fn check(spec: &mut ImageSpec, dir: &Path, c: &mut Checks<'_>) {
     }
     if let Some(t) = &mut spec.target {
         target(t, dir, &root.key("target"), c);
+    }
+    if let Some(s) = &spec.sbom {
+        sbom(s, &root.key("sbom"), c);
+    }
+}
+
+fn sbom(s: &SbomSetting, at: &KeyPath, c: &mut Checks<'_>) {
+    if let Some(got) = &s.invalid {
+        c.bad(
+            at,
+            format!("expected false, true or a mapping {{ format: spdx-json | cyclonedx-json }}, got {got}"),
+        );
+    }
+    for k in &s.unknown_keys {
+        c.bad(
+            &at.key(k),
+            format!("unknown key {k:?} (expected one of: format)"),
+        );
     }
 }
 
@@ -244,13 +263,20 @@ fn target(t: &mut Target, dir: &Path, at: &KeyPath, c: &mut Checks<'_>) {
     let Some(e) = &mut t.ecr else { return };
     let at = at.key("ecr");
     if let Some(m) = &e.tag_immutability {
-        if !matches!(m.as_str(), "MUTABLE" | "IMMUTABLE") {
+        if !matches!(
+            m.as_str(),
+            "MUTABLE" | "IMMUTABLE" | "IMMUTABLE_WITH_EXCLUSION" | "MUTABLE_WITH_EXCLUSION"
+        ) {
             c.bad(
                 &at.key("tag_immutability"),
-                format!("{m:?}: expected MUTABLE or IMMUTABLE"),
+                format!(
+                    "{m:?}: expected MUTABLE, IMMUTABLE, IMMUTABLE_WITH_EXCLUSION or \
+                     MUTABLE_WITH_EXCLUSION"
+                ),
             );
         }
     }
+    exclusion_filters(e, &at, c);
     if let Some(o) = e
         .encryption
         .as_deref()
@@ -274,6 +300,43 @@ fn target(t: &mut Target, dir: &Path, at: &KeyPath, c: &mut Checks<'_>) {
                     c.bad(&here, format!("{} is not valid JSON: {err}", p.display()));
                 }
             }
+        }
+    }
+}
+
+/// `target.ecr.tag_immutability_exclusion_filters`: ECR's wildcard filters (1 to 5, each 1-128
+/// of `A-Za-z0-9._*-`), only with a `*_WITH_EXCLUSION` mutability.
+fn exclusion_filters(e: &crate::spec::EcrSettings, at: &KeyPath, c: &mut Checks<'_>) {
+    let Some(filters) = &e.tag_immutability_exclusion_filters else {
+        return;
+    };
+    let here = at.key("tag_immutability_exclusion_filters");
+    if !e
+        .tag_immutability
+        .as_deref()
+        .is_some_and(|m| m.ends_with("_WITH_EXCLUSION"))
+    {
+        c.bad(
+            &here,
+            "exclusion filters need tag_immutability: IMMUTABLE_WITH_EXCLUSION (or \
+             MUTABLE_WITH_EXCLUSION)"
+                .into(),
+        );
+    }
+    if filters.is_empty() || filters.len() > 5 {
+        c.bad(&here, "ECR takes 1 to 5 exclusion filters".into());
+    }
+    for (i, f) in filters.iter().enumerate() {
+        let ok = (1..=128).contains(&f.len())
+            && f.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'*' | b'-'));
+        if !ok {
+            let at = here.index(i);
+            let msg = format!(
+                "filter {}: 1 to 128 of the characters A-Z a-z 0-9 . _ - and the wildcard *",
+                c.quote(&at, f)
+            );
+            c.bad(&at, msg);
         }
     }
 }

@@ -34,7 +34,7 @@ fn skopeo_to_layout(src: &str, dir: &Path) -> (Layout, Descriptor) {
 }
 
 /// `pyspdxtools -i FILE` must accept the document.
-fn assert_spdx_valid(path: &Path) {
+pub(crate) fn assert_spdx_valid(path: &Path) {
     let tool = format!("{VENV}/pyspdxtools");
     assert!(
         Path::new(&tool).is_file(),
@@ -55,7 +55,7 @@ fn assert_spdx_valid(path: &Path) {
 }
 
 /// CycloneDX's own strict JSON schema validation (cyclonedx-python-lib) must accept it.
-fn assert_cyclonedx_valid(path: &Path) {
+pub(crate) fn assert_cyclonedx_valid(path: &Path) {
     let py = format!("{VENV}/python");
     let script = r#"
 import sys
@@ -100,7 +100,7 @@ sys.exit(1 if bad else 0)
 }
 
 /// (name, version) of installed packages, by `dpkg-query -W` in a container of `image`.
-fn dpkg_query(image: &str) -> BTreeSet<(String, String)> {
+pub(crate) fn dpkg_query(image: &str) -> BTreeSet<(String, String)> {
     let out = ok_stdout(Command::new("docker").args([
         "run",
         "--rm",
@@ -133,7 +133,7 @@ fn deb_set(sbom: &sbom::Sbom) -> BTreeSet<(String, String)> {
 }
 
 /// (name, version) pairs of the packages in an SPDX document (the image and OS left out).
-fn spdx_set(doc: &serde_json::Value) -> BTreeSet<(String, String)> {
+pub(crate) fn spdx_set(doc: &serde_json::Value) -> BTreeSet<(String, String)> {
     doc["packages"]
         .as_array()
         .unwrap()

@@ -31,7 +31,7 @@ fn client() -> Client {
 }
 
 /// A P-256 key pair made by openssl: (private PKCS#8 PEM, public SPKI PEM).
-fn openssl_key(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+pub(crate) fn openssl_key(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
     require("openssl");
     let key = dir.join(format!("{name}.key"));
     let public = dir.join(format!("{name}.pub"));
@@ -63,13 +63,13 @@ fn openssl_key(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
 /// independent of wpimg: skopeo reads the manifests, curl the payload blobs, coreutils decodes
 /// the signature and openssl verifies it. Debian's skopeo 1.9.3 cannot evaluate a
 /// `sigstoreSigned` policy itself: it is built with "Debian-local change: sigstore disabled".
-struct ToolVerifier {
+pub(crate) struct ToolVerifier {
     host: String,
     dir: PathBuf,
 }
 
 impl ToolVerifier {
-    fn new(host: &str, dir: &Path) -> Self {
+    pub(crate) fn new(host: &str, dir: &Path) -> Self {
         for tool in ["skopeo", "curl", "openssl", "base64"] {
             require(tool);
         }
@@ -82,7 +82,12 @@ impl ToolVerifier {
     }
 
     /// `Ok` or the reason: "no signature", "wrong key", "digest mismatch".
-    fn check(&self, repo: &str, tag: &str, public_key: &Path) -> Result<(), &'static str> {
+    pub(crate) fn check(
+        &self,
+        repo: &str,
+        tag: &str,
+        public_key: &Path,
+    ) -> Result<(), &'static str> {
         let image = format!("docker://{}/{repo}:{tag}", self.host);
         let digest = skopeo_manifest_digest(&image, &["--tls-verify=false"]);
         let sig_tag = format!("sha256-{}.sig", digest.hex());
@@ -324,7 +329,7 @@ fn cosign_encrypted_key_signs_verifiably() {
 }
 
 /// Create an ECC_NIST_P256 signing key with an alias in moto's KMS; returns the key ARN.
-fn moto_kms_key(moto: &Moto, alias: &str, spec: &str) -> String {
+pub(crate) fn moto_kms_key(moto: &Moto, alias: &str, spec: &str) -> String {
     let script = format!(
         r#"
 import boto3

@@ -1,7 +1,8 @@
 //! Test support for registry work: a real `docker-registry` on 127.0.0.1 (optionally with
 //! htpasswd auth and TLS from a throwaway CA), a recording proxy that can also demand bearer
-//! tokens, behave like Amazon ECR's chunked uploads or corrupt blobs, and image builders that
-//! write test images straight into an OCI layout.
+//! tokens, behave like Amazon ECR's chunked uploads or corrupt blobs, or answer the OCI 1.1
+//! referrers API (which Debian's distribution 2.8 lacks), and image builders that write test
+//! images straight into an OCI layout.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -350,6 +351,10 @@ pub struct ProxyMode {
     /// Like an ECR repository with immutable tags: refuse a manifest PUT to a tag that already
     /// holds another digest with 400 `TAG_INVALID`.
     pub immutable_tags: bool,
+    /// Answer the OCI 1.1 referrers API (`GET /v2/<name>/referrers/<digest>`, as ECR does) from
+    /// the manifests with a `subject` pushed by digest through the proxy, and acknowledge them
+    /// with `OCI-Subject`.
+    pub referrers: bool,
 }
 
 /// The repositories an ECR-like [`Proxy`] knows, in one registry (account).
@@ -380,6 +385,8 @@ struct Shared {
     violations: Mutex<Vec<String>>,
     seen: std::sync::atomic::AtomicU32,
     client: reqwest::Client,
+    /// `(repository, subject digest)` → descriptors of the manifests referring to it.
+    referrers: Mutex<HashMap<(String, String), Vec<serde_json::Value>>>,
 }
 
 /// A recording HTTP proxy in front of a [`Registry`], on its own thread and runtime.
@@ -406,6 +413,7 @@ impl Proxy {
             uploads: Mutex::new(HashMap::new()),
             violations: Mutex::new(Vec::new()),
             seen: std::sync::atomic::AtomicU32::new(0),
+            referrers: Mutex::new(HashMap::new()),
             client: reqwest::Client::builder()
                 .redirect(reqwest::redirect::Policy::none())
                 .build()
@@ -473,6 +481,17 @@ impl Proxy {
     pub fn violations(&self) -> Vec<String> {
         self.shared.violations.lock().unwrap().clone()
     }
+
+    /// The referrers recorded for `subject` in `repository` (referrers mode).
+    pub fn referrers_of(&self, repository: &str, subject: &str) -> Vec<serde_json::Value> {
+        self.shared
+            .referrers
+            .lock()
+            .unwrap()
+            .get(&(repository.to_string(), subject.to_string()))
+            .cloned()
+            .unwrap_or_default()
+    }
 }
 
 impl Drop for Proxy {
@@ -539,7 +558,7 @@ fn query_params(q: &str) -> Vec<(String, String)> {
 /// Repository named by a `/v2/<name>/(blobs|manifests|tags)/...` path.
 fn repo_of(path: &str) -> Option<String> {
     let rest = path.strip_prefix("/v2/")?;
-    ["/blobs/", "/manifests/", "/tags/"]
+    ["/blobs/", "/manifests/", "/tags/", "/referrers/"]
         .iter()
         .filter_map(|m| rest.rfind(m).map(|i| rest[..i].to_string()))
         .next()
@@ -659,12 +678,126 @@ async fn route(sh: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     } else {
         format!("{path}?{query}")
     };
+    if sh.mode.referrers {
+        if let Some((repo, subject)) = referrers_path(&path) {
+            drain(req.into_body()).await;
+            return referrers_answer(sh, &repo, &subject, &query);
+        }
+        if req.method() == "PUT" {
+            if let Some(repo) = manifest_digest_of(&path) {
+                return put_referrer(sh, req, &repo, &pq, &path).await;
+            }
+        }
+    }
     if sh.mode.immutable_tags && req.method() == "PUT" {
         if let Some((repo, tag)) = manifest_tag_of(&path) {
             return put_immutable(sh, req, &repo, &tag, &pq, &path).await;
         }
     }
     forward(sh, req, &pq, &path).await
+}
+
+/// `(repository, subject digest)` of a `/v2/<name>/referrers/<digest>` path.
+fn referrers_path(path: &str) -> Option<(String, String)> {
+    let rest = path.strip_prefix("/v2/")?;
+    let (repo, digest) = rest.rsplit_once("/referrers/")?;
+    Some((repo.to_string(), digest.to_string()))
+}
+
+/// The repository of a `/v2/<name>/manifests/<digest>` path (None for tags).
+fn manifest_digest_of(path: &str) -> Option<String> {
+    let rest = path.strip_prefix("/v2/")?;
+    let (repo, reference) = rest.rsplit_once("/manifests/")?;
+    reference.contains(':').then(|| repo.to_string())
+}
+
+/// The referrers API's answer: an OCI index of the manifests recorded for the subject
+/// (`artifactType` filter applied), as the distribution spec describes it.
+fn referrers_answer(sh: &Arc<Shared>, repo: &str, subject: &str, query: &str) -> Response<Body> {
+    if subject.parse::<Digest>().is_err() {
+        return api_error(StatusCode::BAD_REQUEST, "DIGEST_INVALID", "invalid digest");
+    }
+    let wanted: Vec<String> = query_params(query)
+        .into_iter()
+        .filter(|(k, _)| k == "artifactType")
+        .map(|(_, v)| v)
+        .collect();
+    let mut manifests = sh
+        .referrers
+        .lock()
+        .unwrap()
+        .get(&(repo.to_string(), subject.to_string()))
+        .cloned()
+        .unwrap_or_default();
+    let mut headers = vec![("content-type", oci::MEDIA_TYPE_OCI_INDEX.to_string())];
+    if !wanted.is_empty() {
+        manifests.retain(|m| {
+            m["artifactType"]
+                .as_str()
+                .is_some_and(|t| wanted.iter().any(|w| w == t))
+        });
+        headers.push(("oci-filters-applied", "artifactType".into()));
+    }
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": oci::MEDIA_TYPE_OCI_INDEX,
+        "manifests": manifests,
+    });
+    full(
+        StatusCode::OK,
+        &headers,
+        serde_json::to_vec(&index).unwrap(),
+    )
+}
+
+/// A manifest PUT by digest: forwarded; one with a `subject` is recorded as a referrer of it
+/// (its `artifactType`, else its config's media type) and acknowledged with `OCI-Subject`.
+async fn put_referrer(
+    sh: &Arc<Shared>,
+    req: Request<Incoming>,
+    repo: &str,
+    pq: &str,
+    path: &str,
+) -> Response<Body> {
+    let (parts, body) = req.into_parts();
+    let raw = match body.collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(e) => return full(StatusCode::BAD_REQUEST, &[], format!("proxy: {e}")),
+    };
+    let media_type = parts
+        .headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let m: serde_json::Value = serde_json::from_slice(&raw).unwrap_or_default();
+    let subject = m["subject"]["digest"].as_str().map(str::to_string);
+    let mut resp = forward_parts(sh, parts, Some(reqwest::Body::from(raw.clone())), pq, path).await;
+    let Some(subject) = subject.filter(|_| resp.status().is_success()) else {
+        return resp;
+    };
+    let artifact_type = m["artifactType"]
+        .as_str()
+        .or(m["config"]["mediaType"].as_str())
+        .unwrap_or("")
+        .to_string();
+    let mut desc = serde_json::json!({
+        "mediaType": media_type,
+        "digest": Digest::of_bytes(&raw).to_string(),
+        "size": raw.len(),
+        "artifactType": artifact_type,
+    });
+    if let Some(a) = m.get("annotations").filter(|a| a.is_object()) {
+        desc["annotations"] = a.clone();
+    }
+    let mut all = sh.referrers.lock().unwrap();
+    let list = all.entry((repo.to_string(), subject.clone())).or_default();
+    if !list.iter().any(|d| d["digest"] == desc["digest"]) {
+        list.push(desc);
+    }
+    resp.headers_mut()
+        .insert("oci-subject", subject.parse().unwrap());
+    resp
 }
 
 /// `(repository, tag)` of a `/v2/<name>/manifests/<tag>` path (None for digests).
