@@ -5,6 +5,8 @@ pub mod ecr;
 pub mod engine;
 pub mod layer;
 pub mod registry;
+pub mod webdriver;
+pub mod wordpress;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
