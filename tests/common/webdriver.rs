@@ -47,9 +47,10 @@ pub struct WebDriverError {
 pub struct Browser {
     rt: tokio::runtime::Runtime,
     http: reqwest::Client,
-    session: String,
+    /// chromedriver's URL, then the session's.
+    base: String,
     driver: Child,
-    _profile: tempfile::TempDir,
+    profile: tempfile::TempDir,
 }
 
 impl Browser {
@@ -85,9 +86,9 @@ impl Browser {
         let mut b = Browser {
             rt,
             http,
-            session: format!("http://127.0.0.1:{port}"),
+            base: format!("http://127.0.0.1:{port}"),
             driver,
-            _profile: profile,
+            profile,
         };
         b.wait_until_ready();
         b.new_session();
@@ -124,7 +125,7 @@ impl Browser {
             "--disable-component-update",
             "--disable-sync",
             "--window-size=1280,900",
-            &format!("--user-data-dir={}", self._profile.path().display()),
+            &format!("--user-data-dir={}", self.profile.path().display()),
             // Nothing but loopback resolves: the same pages on a machine with internet.
             "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1, EXCLUDE localhost",
         ];
@@ -138,7 +139,7 @@ impl Browser {
             .request(reqwest::Method::POST, "/session", Some(caps))
             .unwrap_or_else(|e| panic!("chromium session: {}: {}", e.error, e.message));
         let id = v["sessionId"].as_str().expect("no sessionId").to_string();
-        self.session = format!("{}/session/{id}", self.session);
+        self.base = format!("{}/session/{id}", self.base);
         self.call(
             "POST",
             "/timeouts",
@@ -153,7 +154,7 @@ impl Browser {
         path: &str,
         body: Option<Value>,
     ) -> Result<Value, WebDriverError> {
-        let url = format!("{}{path}", self.session);
+        let url = format!("{}{path}", self.base);
         let answer = self.rt.block_on(async {
             let mut req = self.http.request(method, &url);
             if let Some(body) = body {
@@ -261,14 +262,6 @@ impl Browser {
         )
         .as_str()
         .map(str::to_string)
-    }
-
-    /// The rendered text of an element.
-    pub fn text(&self, e: &Element) -> String {
-        self.call("GET", &format!("/element/{}/text", e.0), Value::Null)
-            .as_str()
-            .unwrap_or_default()
-            .to_string()
     }
 
     /// Run a script in the page (`arguments[i]` are `args`) and return its result.
