@@ -245,10 +245,12 @@ fn install(b: &Browser, url: &str, title: &str, admin: &Admin) {
         format!("{url}/wp-admin/install.php"),
         "opening the site must lead to the install form on the same host and port"
     );
-    b.fill("#weblog_title", title);
-    b.fill("#user_login", admin.user);
-    b.fill("#pass1", &admin.password);
-    b.fill("#admin_email", "admin@example.com");
+    b.fill_form(&[
+        ("#weblog_title", title),
+        ("#user_login", admin.user),
+        ("#pass1", &admin.password),
+        ("#admin_email", "admin@example.com"),
+    ]);
     b.click(&b.wait_for("#submit", 10));
     b.wait_for_xpath("//h1[normalize-space()='Success!']", 60);
     b.click(&b.wait_for_xpath("//a[normalize-space()='Log In']", 10));
@@ -264,8 +266,7 @@ fn log_in(b: &Browser, url: &str, admin: &Admin) {
     if !b.url().starts_with(&format!("{url}/wp-login.php")) {
         b.goto(&format!("{url}/wp-login.php"));
     }
-    b.fill("#user_login", admin.user);
-    b.fill("#user_pass", &admin.password);
+    b.fill_form(&[("#user_login", admin.user), ("#user_pass", &admin.password)]);
     b.click(&b.wait_for("#wp-submit", 10));
     b.wait_for("#dashboard-widgets", 60);
     assert_eq!(b.url(), format!("{url}/wp-admin/"), "after logging in");

@@ -139,6 +139,10 @@ fn wordpress_image_builds_pushes_runs_and_installs() {
     let (ok, front) = curl(&[https[0], https[1], &format!("{url}/")]);
     assert!(ok, "front page behind the load balancer");
     assert_links_to(&front, &format!("https://{authority}/"));
+    // HTTP/1.0 without a Host header: the URLs stored at install time.
+    let (ok, front) = curl(&["-f", "-0", "-H", "Host:", &format!("{url}/")]);
+    assert!(ok, "front page without a Host header");
+    assert_links_to(&front, &format!("{url}/"));
     let name2 = format!("{name}-2");
     let _c2 = ContainerGuard(name2.clone());
     run_wordpress(&name2, &built.image, &db, "127.0.0.1::80", &[]);

@@ -2,6 +2,7 @@
 //! port driving headless chromium with a fresh profile. Synchronous calls over reqwest (already a
 //! dependency) on a private current-thread runtime: no WebDriver crate to compile.
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -49,6 +50,8 @@ pub struct Browser {
     http: reqwest::Client,
     /// chromedriver's URL, then the session's.
     base: String,
+    /// chromedriver's log and the failure screenshot.
+    log_dir: PathBuf,
     driver: Child,
     profile: tempfile::TempDir,
 }
@@ -88,6 +91,7 @@ impl Browser {
             http,
             base: format!("http://127.0.0.1:{port}"),
             driver,
+            log_dir: log_dir.to_path_buf(),
             profile,
         };
         b.wait_until_ready();
@@ -253,6 +257,38 @@ impl Browser {
         self.type_text(&e, text);
     }
 
+    /// Fill several fields, then check that each holds its text, and start over (up to three
+    /// times) when not: a page script that moves the focus while keys are typed (wp-login.php
+    /// focuses its user field 200 ms after loading) sends them to another field.
+    pub fn fill_form(&self, fields: &[(&str, &str)]) {
+        for attempt in 1..=3 {
+            for (css, text) in fields {
+                self.fill(css, text);
+            }
+            let wrong: Vec<&str> = fields
+                .iter()
+                .filter(|(css, text)| {
+                    let e = self.wait_for(css, 10);
+                    self.property(&e, "value").as_str() != Some(*text)
+                })
+                .map(|(css, _)| *css)
+                .collect();
+            if wrong.is_empty() {
+                return;
+            }
+            assert!(attempt < 3, "fields {wrong:?} do not hold what was typed");
+        }
+    }
+
+    /// A DOM property of an element (e.g. an input's current `value`).
+    pub fn property(&self, e: &Element, name: &str) -> Value {
+        self.call(
+            "GET",
+            &format!("/element/{}/property/{name}", e.0),
+            Value::Null,
+        )
+    }
+
     /// An attribute of an element.
     pub fn attribute(&self, e: &Element, name: &str) -> Option<String> {
         self.call(
@@ -283,6 +319,25 @@ impl Browser {
         path.to_path_buf()
     }
 
+    /// After a failure: a screenshot of the page in `failure.png` next to chromedriver's log,
+    /// and its URL on stderr.
+    fn save_failure(&self) {
+        let path = self.log_dir.join("failure.png");
+        let url = self.request(reqwest::Method::GET, "/url", None);
+        let shot = self.request(reqwest::Method::GET, "/screenshot", None);
+        if let Ok(png) = shot.map(|v| {
+            base64::engine::general_purpose::STANDARD.decode(v.as_str().unwrap_or_default())
+        }) {
+            let _ = png.map(|png| std::fs::write(&path, png));
+        }
+        let _ = writeln!(
+            std::io::stderr(),
+            "browser at the failure: {} (screenshot {})",
+            url.map(|u| u.to_string()).unwrap_or_default(),
+            path.display()
+        );
+    }
+
     /// The browser log entries since the last call (chromedriver's log endpoint).
     pub fn take_log(&self) -> Vec<LogEntry> {
         let v = self.call("POST", "/se/log", json!({ "type": "browser" }));
@@ -300,6 +355,9 @@ impl Browser {
 
 impl Drop for Browser {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.save_failure();
+        }
         // Ends chromium; then chromedriver.
         let _ = self.request(reqwest::Method::DELETE, "", None);
         let _ = self.driver.kill();
