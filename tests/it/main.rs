@@ -5,6 +5,7 @@
 mod common;
 
 mod assemble;
+mod browser;
 mod build;
 mod ci_jobs;
 mod cli_rules;

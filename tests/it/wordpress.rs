@@ -5,124 +5,12 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::common::registry::Registry;
+use crate::common::wordpress::*;
 use crate::common::*;
-
-struct Mariadb {
-    child: Child,
-    dir: tempfile::TempDir,
-}
-
-impl Mariadb {
-    fn sock_dir(&self) -> PathBuf {
-        self.dir.path().join("sock")
-    }
-
-    fn start(password: &str) -> Self {
-        for t in ["mariadbd", "mariadb-install-db", "mariadb"] {
-            require(t);
-        }
-        let dir = tempfile::Builder::new()
-            .prefix("wpimg-db-")
-            .tempdir()
-            .unwrap();
-        let db = dir.path().join("db");
-        let sock = dir.path().join("sock");
-        std::fs::create_dir_all(&db).unwrap();
-        std::fs::create_dir_all(&sock).unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        for p in [dir.path(), sock.as_path()] {
-            std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
-        }
-        ok_stdout(Command::new("mariadb-install-db").args([
-            "--no-defaults",
-            &format!("--datadir={}", db.display()),
-            "--user=root",
-            "--auth-root-authentication-method=socket",
-            "--skip-test-db",
-        ]));
-        let socket = sock.join("mysqld.sock");
-        let child = Command::new("mariadbd")
-            .args([
-                "--no-defaults",
-                &format!("--datadir={}", db.display()),
-                &format!("--socket={}", socket.display()),
-                &format!("--pid-file={}", dir.path().join("pid").display()),
-                "--skip-networking",
-                "--user=root",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let m = Mariadb { child, dir };
-        let start = Instant::now();
-        while !m.sql("SELECT 1").status.success() {
-            assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "mariadbd did not start"
-            );
-            std::thread::sleep(Duration::from_millis(300));
-        }
-        let r = m.sql(&format!(
-            "CREATE DATABASE wordpress; CREATE USER 'wordpress'@'localhost' IDENTIFIED BY '{password}'; GRANT ALL ON wordpress.* TO 'wordpress'@'localhost';"
-        ));
-        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-        m
-    }
-
-    fn sql(&self, q: &str) -> std::process::Output {
-        run(Command::new("mariadb")
-            .arg(format!(
-                "--socket={}",
-                self.sock_dir().join("mysqld.sock").display()
-            ))
-            .args(["-e", q]))
-    }
-}
-
-impl Drop for Mariadb {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-struct ContainerGuard(String);
-
-impl Drop for ContainerGuard {
-    fn drop(&mut self) {
-        let _ = Command::new("docker").args(["rm", "-f", &self.0]).output();
-    }
-}
-
-fn curl(args: &[&str]) -> (bool, String) {
-    let o = run(Command::new("curl")
-        .args(["-sS", "--max-time", "30"])
-        .args(args));
-    (
-        o.status.success(),
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-    )
-}
-
-fn wait_for(url: &str, secs: u64) {
-    let start = Instant::now();
-    loop {
-        let (ok, _) = curl(&["-f", url]);
-        if ok {
-            return;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(secs),
-            "{url} never answered"
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
-}
 
 /// Every blob of the pushed image, as stored by the registry, must not contain `needle`
 /// (compressed or not).
@@ -166,77 +54,21 @@ fn assert_not_in_blobs(reg: &Registry, needle: &str) {
 
 #[test]
 fn wordpress_image_builds_pushes_runs_and_installs() {
-    require_fixtures();
-    require("ansible-playbook");
     require("curl");
     let reg = Registry::start();
-    let repo = format!("{}/wordpress", reg.host());
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let oci = tempfile::tempdir().unwrap();
     let id = unique("wp");
     let password = format!("db-{id}-Secret");
 
-    // Build with wpimg from the repository's image.yaml on the local Debian base, push it.
-    let o = run(wpimg()
-        .current_dir(root)
-        .arg("--oci-dir")
-        .arg(oci.path())
-        .args([
-            "build",
-            "image.yaml",
-            "--json",
-            "--push",
-            "--to",
-            &repo,
-            "--tag",
-            "e2e",
-        ])
-        .args(["--var", &format!("base={BASE}")]));
-    assert!(
-        o.status.success(),
-        "wpimg build failed:\n{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&o.stdout);
-    let result: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
-    let digest = result["manifest"]["digest"].as_str().unwrap().to_string();
-    assert_eq!(result["image_uri"], format!("{repo}@{digest}"));
-    eprintln!("stages: {}", result["stages"]);
-
-    // Pull the pushed image by digest and run it against MariaDB.
-    let image = format!("{repo}@{digest}");
-    ok_stdout(Command::new("docker").args(["pull", "-q", &image]));
-    let _img = ImageGuard(image.clone());
+    // Build with wpimg from the repository's image.yaml on the local Debian base, push it,
+    // pull it by digest and run it against MariaDB.
+    let built = build_wordpress(&reg, oci.path(), "e2e");
+    eprintln!("stages: {}", built.result["stages"]);
     let db = Mariadb::start(&password);
-    let secret = db.dir.path().join("db_password");
-    std::fs::write(&secret, format!("{password}\n")).unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
     let name = format!("wpimg-e2e-{id}");
     let _c = ContainerGuard(name.clone());
-    ok_stdout(Command::new("docker").args([
-        "run",
-        "-d",
-        "--name",
-        &name,
-        "-p",
-        "127.0.0.1::80",
-        "-v",
-        &format!("{}:/run/mysqld-host", db.sock_dir().display()),
-        "-v",
-        &format!("{}:/run/secrets/db_password:ro", secret.display()),
-        "-e",
-        "WORDPRESS_DB_HOST=localhost:/run/mysqld-host/mysqld.sock",
-        "-e",
-        "WORDPRESS_DB_NAME=wordpress",
-        "-e",
-        "WORDPRESS_DB_USER=wordpress",
-        "-e",
-        "WORDPRESS_DB_PASSWORD_FILE=/run/secrets/db_password",
-        &image,
-    ]));
-    let port = ok_stdout(Command::new("docker").args(["port", &name, "80/tcp"]));
-    let url = format!("http://{}", port.lines().next().unwrap().trim());
+    run_wordpress(&name, &built.image, &db, "127.0.0.1::80", &[]);
+    let url = published_url(&name);
 
     wait_for(&format!("{url}/healthz"), 90);
     let (_, body) = curl(&["-f", &format!("{url}/healthz")]);
@@ -244,6 +76,24 @@ fn wordpress_image_builds_pushes_runs_and_installs() {
     wait_for(&format!("{url}/healthz/php"), 60);
     let (ok, body) = curl(&["-f", &format!("{url}/healthz/php?db=1")]);
     assert!(ok && body.contains("database"), "PHP/DB health: {body}");
+
+    // Redirects keep the host and port the client used; behind a TLS-terminating load
+    // balancer (X-Forwarded-Proto: https) they are https (issue 16).
+    let authority = url.trim_start_matches("http://");
+    let https = ["-H", "X-Forwarded-Proto: https"];
+    let install_url = format!("{url}/wp-admin/install.php");
+    assert_eq!(
+        redirect(&format!("{url}/"), &[]),
+        (302, install_url.clone())
+    );
+    assert_eq!(
+        redirect(&format!("{url}/wp-admin"), &[]),
+        (301, "/wp-admin/".into())
+    );
+    assert_eq!(
+        redirect(&format!("{url}/"), &https),
+        (302, format!("https://{authority}/wp-admin/install.php"))
+    );
 
     // Complete the installation over HTTP, then find the title on the front page.
     let title = format!("wpimg e2e {id}");
@@ -278,6 +128,38 @@ fn wordpress_image_builds_pushes_runs_and_installs() {
     );
     let (ok, front) = curl(&["-f", &format!("{url}/")]);
     assert!(ok && front.contains(&title), "title not on the front page");
+
+    // The installed site: links name the address of the request, https behind the load
+    // balancer without a redirect (no loop), and another container on another port links to
+    // that port.
+    assert_links_to(&front, &format!("{url}/"));
+    assert_eq!(redirect(&format!("{url}/"), &https).0, 200);
+    let (ok, front) = curl(&[https[0], https[1], &format!("{url}/")]);
+    assert!(ok, "front page behind the load balancer");
+    assert_links_to(&front, &format!("https://{authority}/"));
+    // HTTP/1.0 without a Host header: the URLs stored at install time.
+    let (ok, front) = curl(&["-f", "-0", "-H", "Host:", &format!("{url}/")]);
+    assert!(ok, "front page without a Host header");
+    assert_links_to(&front, &format!("{url}/"));
+    let name2 = format!("{name}-2");
+    let _c2 = ContainerGuard(name2.clone());
+    run_wordpress(&name2, &built.image, &db, "127.0.0.1::80", &[]);
+    let url2 = published_url(&name2);
+    assert_ne!(url2, url);
+    wait_for(&format!("{url2}/healthz/php"), 60);
+    let (ok, front) = curl(&["-f", &format!("{url2}/")]);
+    assert!(
+        ok && front.contains(&title),
+        "second container's front page"
+    );
+    assert_links_to(&front, &format!("{url2}/"));
+    assert_eq!(
+        redirect(&format!("{url2}/wp-admin/"), &[]).1,
+        format!(
+            "{url2}/wp-login.php?redirect_to={}%2Fwp-admin%2F&reauth=1",
+            urlencode(&url2)
+        )
+    );
 
     // Workers do not run as root.
     let ps = ok_stdout(Command::new("docker").args(["exec", &name, "ps", "-eo", "user,args"]));

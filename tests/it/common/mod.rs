@@ -6,6 +6,8 @@ pub mod engine;
 pub mod hostile;
 pub mod layer;
 pub mod registry;
+pub mod webdriver;
+pub mod wordpress;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
