@@ -42,6 +42,8 @@ pub async fn run(g: &GlobalArgs, c: &SbomCmd, out: &Arc<Output>) -> anyhow::Resu
         Target::Registry(reference) => {
             let opts = settings::client_options(g, None)?;
             let opts = settings::with_login(opts, &reference.registry, &c.login)?;
+            // An ECR host: tokens from the AWS SDK chain when no login was given.
+            let opts = crate::publish::with_ecr_pull_credentials(opts, &reference.registry, None);
             let client = settings::client(opts)?;
             let rep: SharedReporter = out.clone();
             crate::supply::sbom_from_registry(&client, &reference, &platform, c.format, &rep)

@@ -49,6 +49,8 @@ pub async fn run(g: &GlobalArgs, v: &VerifyCmd, out: &Arc<Output>) -> anyhow::Re
     let (key, signer) = public_key(v).await?;
     let opts = settings::client_options(g, None)?;
     let opts = settings::with_login(opts, &reference.registry, &v.login)?;
+    // An ECR host: tokens from the AWS SDK chain when no login was given.
+    let opts = crate::publish::with_ecr_pull_credentials(opts, &reference.registry, None);
     let client = settings::client(opts)?;
     let rep: SharedReporter = out.clone();
     let checked = crate::supply::verify(&client, &reference, &key, &rep)

@@ -1,6 +1,7 @@
 //! The CI jobs shipped for wpimg's users (.github/workflows/image.yml, .gitlab-ci.yml):
-//! parsed as YAML and checked for the steps, permissions and commands they must have; the
-//! shell that extracts the image URI is run for real (bash + jq) against sample `--json` output.
+//! parsed as YAML and checked for the steps, permissions and commands they must have (signing
+//! with a KMS key, `wpimg verify`, the SBOM kept as an artifact); the shell that extracts the
+//! image URI and the local reference is run for real (bash + jq) against sample `--json` output.
 
 use serde_json::Value;
 use std::path::Path;
@@ -8,6 +9,7 @@ use std::process::{Command, Output};
 
 const GITHUB_WORKFLOW: &str = ".github/workflows/image.yml";
 const GITLAB_CI: &str = ".gitlab-ci.yml";
+const SAMPLE_LOCAL_REF: &str = "wordpress:latest";
 const SAMPLE_URI: &str = "123456789012.dkr.ecr.eu-west-1.amazonaws.com/wordpress:6.6-abc1234@sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
 
 fn load(rel: &str) -> Value {
@@ -89,6 +91,11 @@ fn check_build_command(line: &str, git_sha: &str) -> (String, String) {
             .unwrap_or_else(|| panic!("`{flag}` has no value in: {line}"))
     };
     assert_eq!(value_of("--cache-repo"), "\"$ECR_CACHE_REPO\"");
+    assert_eq!(
+        value_of("--sign-kms"),
+        "\"$SIGNING_KMS_KEY\"",
+        "the image is signed with the KMS key: {line}"
+    );
     assert_eq!(value_of("--var"), compact(&format!("git_sha={git_sha}")));
     let manifest = value_of("--manifest").to_string();
     assert!(manifest.ends_with(".json"), "manifest file: {manifest}");
@@ -115,7 +122,7 @@ fn sample_events(with_result: bool) -> String {
     );
     if with_result {
         s.push_str(&format!(
-            "{{\"event\":\"result\",\"image_uri\":\"{SAMPLE_URI}\",\"digest\":\"sha256:9f86\"}}\n"
+            "{{\"event\":\"result\",\"reference\":\"{SAMPLE_LOCAL_REF}\",\"image_uri\":\"{SAMPLE_URI}\",\"digest\":\"sha256:9f86\"}}\n"
         ));
     }
     // Only the result event counts, wherever other events carrying image_uri stand.
@@ -213,7 +220,7 @@ fn github_workflow_builds_pushes_and_publishes_the_image_uri() {
     assert_eq!(build["env"]["ECR_CACHE_REPO"], "${{ vars.ECR_CACHE_REPO }}");
 
     let (uri_at, uri) = find_step(steps, "extracts the image URI", |s| {
-        run_of(s).contains("select(.event==\"result\")")
+        run_of(s).contains("select(.event==\"result\")") && run_of(s).contains("image_uri=")
     });
     assert!(uri_at > build_at);
     assert!(run_of(uri).contains(&events), "the URI step reads {events}");
@@ -227,6 +234,7 @@ fn github_workflow_builds_pushes_and_publishes_the_image_uri() {
         s["uses"]
             .as_str()
             .is_some_and(|u| u.starts_with("actions/upload-artifact@"))
+            && s["with"]["name"] == "build-manifest"
     });
     assert!(upload_at > build_at);
     assert_eq!(
@@ -247,7 +255,7 @@ fn github_image_uri_step_writes_output_and_summary() {
     });
     let (_, events) = check_build_command(wpimg_build_line(run_of(build)), "${{ github.sha }}");
     let (_, uri) = find_step(steps, "extracts the image URI", |s| {
-        run_of(s).contains("select(.event==\"result\")")
+        run_of(s).contains("select(.event==\"result\")") && run_of(s).contains("image_uri=")
     });
     let script = run_of(uri);
     assert!(
@@ -369,7 +377,7 @@ fn gitlab_job_builds_pushes_and_reports_the_image_uri() {
     assert!(script[build_at + 1..].iter().any(|l| l.contains(&events)));
 
     let artifacts = &job["artifacts"];
-    assert_eq!(strings(&artifacts["paths"], "artifacts.paths"), [manifest]);
+    assert!(strings(&artifacts["paths"], "artifacts.paths").contains(&manifest));
     let dotenv = artifacts["reports"]["dotenv"]
         .as_str()
         .expect("artifacts.reports.dotenv");
@@ -392,8 +400,13 @@ fn gitlab_script_writes_the_dotenv_report() {
         .position(|l| l.contains("wpimg build"))
         .unwrap();
     let (_, events) = check_build_command(&script[build_at], "$CI_COMMIT_SHA");
-    let after = script[build_at + 1..].join("\n");
     let dotenv = job["artifacts"]["reports"]["dotenv"].as_str().unwrap();
+    // The lines up to the one writing the report (the ones after it need AWS).
+    let report_at = script
+        .iter()
+        .position(|l| l.contains(&format!("> {dotenv}")))
+        .unwrap();
+    let after = script[build_at + 1..=report_at].join("\n");
 
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join(&events), sample_events(true)).unwrap();
@@ -414,4 +427,132 @@ fn gitlab_script_writes_the_dotenv_report() {
         "without a result event the job must fail"
     );
     assert!(!dir.path().join(dotenv).exists());
+}
+
+/// The files a script writes with `wpimg sbom REF --format FORMAT > FILE`, by format; checks
+/// that REF is the local reference read from the events file.
+fn sbom_files(script: &str, local_ref_var: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for line in script.lines().filter(|l| l.contains("wpimg sbom")) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let at = words.iter().position(|w| *w == "wpimg").unwrap();
+        assert_eq!(words[at + 1], "sbom", "{line}");
+        assert_eq!(words[at + 2], format!("\"${local_ref_var}\""), "{line}");
+        let format = words[words.iter().position(|w| *w == "--format").unwrap() + 1];
+        let file = words[words.iter().position(|w| *w == ">").unwrap() + 1];
+        out.push((format.to_string(), file.to_string()));
+    }
+    out.sort();
+    out
+}
+
+/// Run the line of `script` that sets `var` from the events file, against sample events.
+fn extracted(script: &str, var: &str, events: &str) -> String {
+    let line = script
+        .lines()
+        .map(|l| l.trim().trim_start_matches("- "))
+        .find(|l| l.starts_with(&format!("{var}=")))
+        .unwrap_or_else(|| panic!("no `{var}=` line in:\n{script}"));
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join(events), sample_events(true)).unwrap();
+    let res = run_bash(dir.path(), &format!("{line}\nprintf %s \"${var}\""), &[]);
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    String::from_utf8(res.stdout).unwrap()
+}
+
+#[test]
+fn github_workflow_signs_with_kms_verifies_and_keeps_the_sbom() {
+    require_tools();
+    let wf = load(GITHUB_WORKFLOW);
+    let steps = github_steps(&wf);
+    let (build_at, build) = find_step(steps, "runs wpimg build", |s| {
+        run_of(s).contains("wpimg build")
+    });
+    assert_eq!(
+        build["env"]["SIGNING_KMS_KEY"],
+        "${{ vars.SIGNING_KMS_KEY }}"
+    );
+    let (_, events) = check_build_command(wpimg_build_line(run_of(build)), "${{ github.sha }}");
+    let (uri_at, uri) = find_step(steps, "extracts the image URI", |s| {
+        run_of(s).contains("select(.event==\"result\")") && run_of(s).contains("image_uri=")
+    });
+    let id = uri["id"].as_str().unwrap();
+    let (check_at, check) = find_step(steps, "verifies and exports the SBOM", |s| {
+        run_of(s).contains("wpimg verify")
+    });
+    assert!(build_at < uri_at && uri_at < check_at);
+    assert_eq!(
+        check["env"]["IMAGE_URI"],
+        format!("${{{{ steps.{id}.outputs.image_uri }}}}")
+    );
+    assert_eq!(
+        check["env"]["SIGNING_KMS_KEY"],
+        "${{ vars.SIGNING_KMS_KEY }}"
+    );
+    let script = run_of(check);
+    assert!(!script.contains("${{"), "no expressions spliced into shell");
+    assert!(
+        script.contains("wpimg verify \"$IMAGE_URI\" --kms \"$SIGNING_KMS_KEY\""),
+        "{script}"
+    );
+    assert_eq!(extracted(script, "local_ref", &events), SAMPLE_LOCAL_REF);
+    let files = sbom_files(script, "local_ref");
+    let formats: Vec<&str> = files.iter().map(|(f, _)| f.as_str()).collect();
+    assert_eq!(formats, ["cyclonedx-json", "spdx-json"]);
+
+    let (upload_at, upload) = find_step(steps, "uploads the SBOM", |s| {
+        s["uses"]
+            .as_str()
+            .is_some_and(|u| u.starts_with("actions/upload-artifact@"))
+            && s["with"]["name"] == "sbom"
+    });
+    assert!(upload_at > check_at);
+    let paths: Vec<&str> = upload["with"]["path"].as_str().unwrap().lines().collect();
+    for (_, file) in &files {
+        assert!(
+            paths.contains(&file.as_str()),
+            "{file} not uploaded: {paths:?}"
+        );
+    }
+    assert_eq!(upload["with"]["if-no-files-found"], "error");
+}
+
+#[test]
+fn gitlab_job_signs_with_kms_verifies_and_keeps_the_sbom() {
+    require_tools();
+    let ci = load(GITLAB_CI);
+    let job = gitlab_job(&ci);
+    let script = strings(&job["script"], "script");
+    let build_at = script
+        .iter()
+        .position(|l| l.contains("wpimg build"))
+        .unwrap();
+    let (_, events) = check_build_command(&script[build_at], "$CI_COMMIT_SHA");
+    let verify_at = script
+        .iter()
+        .position(|l| l.contains("wpimg verify"))
+        .expect("the job runs wpimg verify");
+    let uri_at = script
+        .iter()
+        .position(|l| l.starts_with("IMAGE_URI="))
+        .unwrap();
+    assert!(uri_at < verify_at);
+    assert_eq!(
+        script[verify_at],
+        "wpimg verify \"$IMAGE_URI\" --kms \"$SIGNING_KMS_KEY\""
+    );
+    let rest = script[verify_at..].join("\n");
+    assert_eq!(extracted(&rest, "LOCAL_REF", &events), SAMPLE_LOCAL_REF);
+    let files = sbom_files(&rest, "LOCAL_REF");
+    let formats: Vec<&str> = files.iter().map(|(f, _)| f.as_str()).collect();
+    assert_eq!(formats, ["cyclonedx-json", "spdx-json"]);
+    let paths = strings(&job["artifacts"]["paths"], "artifacts.paths");
+    for (_, file) in &files {
+        assert!(paths.contains(file), "{file} is not an artifact: {paths:?}");
+    }
+    assert_eq!(job["artifacts"]["when"], "on_success");
 }

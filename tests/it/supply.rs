@@ -423,6 +423,16 @@ fn push_signs_with_a_file_key_under_cosigns_tags_where_there_are_no_referrers() 
     assert_eq!(tags(&host, "signed", None), want);
     let unsigned = push(&oci, "app", &format!("{host}/unsigned:v1"), &[], &[]);
     assert!(json_ok(&unsigned)["attachments"]["signature"].is_null());
+    // `--from oci:DIR` without a name: the SBOM artifact is not a second image.
+    let noref = run(wpimg().args([
+        "push",
+        "--json",
+        "--from",
+        &format!("oci:{}", oci.display()),
+        "--to",
+        &format!("{host}/noref:v1"),
+    ]));
+    assert_eq!(json_ok(&noref)["digest"], digest.as_str());
     let other = push(
         &oci,
         "app",

@@ -1,7 +1,7 @@
 //! The WordPress image end to end: `wpimg build --push` of the top-level image.yaml on the
 //! Debian fixture base, then pull and run the pushed image against a real MariaDB, install
-//! WordPress over HTTP, check health endpoints, SIGTERM shutdown, and that the database password
-//! is in no layer.
+//! WordPress over HTTP, check health endpoints, SIGTERM shutdown, that the database password
+//! is in no layer, and that the image's SBOM lists exactly its packages.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -64,6 +64,7 @@ fn wordpress_image_builds_pushes_runs_and_installs() {
     // pull it by digest and run it against MariaDB.
     let built = build_wordpress(&reg, oci.path(), "e2e");
     eprintln!("stages: {}", built.result["stages"]);
+    assert_sbom_lists_the_image(&reg, oci.path(), &built);
     let db = Mariadb::start(&password);
     let name = format!("wpimg-e2e-{id}");
     let _c = ContainerGuard(name.clone());
@@ -191,4 +192,82 @@ fn wordpress_image_builds_pushes_runs_and_installs() {
 
     // No layer of the pushed image holds the password.
     assert_not_in_blobs(&reg, &password);
+}
+
+/// The package the WordPress play purges from the Debian base (bootstrap_debian_purge).
+const PURGED_BY_THE_PLAY: &str = "e2fsprogs";
+
+/// The SBOM of the WordPress image (issue 14): made by the build, pushed with the image under
+/// cosign's `.sbom` tag (the loopback registry has no referrers API), valid SPDX (pyspdxtools)
+/// and CycloneDX (its strict schema validator), with the names and versions `dpkg-query -W`
+/// lists inside the image; the package the play purges is gone.
+fn assert_sbom_lists_the_image(reg: &Registry, oci: &Path, built: &BuiltImage) {
+    use crate::sbom::{assert_cyclonedx_valid, assert_spdx_valid, dpkg_query, spdx_set};
+    let r = &built.result;
+    let digest = r["manifest"]["digest"].as_str().unwrap();
+    assert_eq!(r["sbom"]["subject"], digest, "{r}");
+    assert!(
+        r["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["stage"] == "sbom"),
+        "{r}"
+    );
+    let attached = &r["push"]["attachments"];
+    assert_eq!(attached["mode"], "tags", "{r}");
+    let sbom_tag = format!("sha256-{}.sbom", &digest[7..]);
+    assert_eq!(
+        attached["sboms"][0]["reference"],
+        format!("{}/wordpress:{sbom_tag}", reg.host())
+    );
+
+    // From the registry: the pushed document.
+    let repo_ref = format!("{}/wordpress@{digest}", reg.host());
+    let o = run(wpimg().args(["sbom", &repo_ref]));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let dir = tempfile::tempdir().unwrap();
+    let spdx = dir.path().join("wordpress.spdx.json");
+    std::fs::write(&spdx, &o.stdout).unwrap();
+    assert_spdx_valid(&spdx);
+    let doc: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let installed = dpkg_query(&built.image);
+    assert!(installed.len() > 150, "{installed:?}");
+    assert_eq!(spdx_set(&doc), installed);
+    for expected in ["nginx", "wordpress", "supervisor"] {
+        assert!(
+            installed.iter().any(|(n, _)| n == expected),
+            "{expected} not installed"
+        );
+    }
+    assert!(!installed.iter().any(|(n, _)| n == PURGED_BY_THE_PLAY));
+    assert!(dpkg_query(BASE)
+        .iter()
+        .any(|(n, _)| n == PURGED_BY_THE_PLAY));
+
+    // CycloneDX, made from the layers in the local layout.
+    let o = run(wpimg().arg("--oci-dir").arg(oci).args([
+        "sbom",
+        "--format",
+        "cyclonedx-json",
+        &format!("wordpress:{}", "latest"),
+    ]));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let cdx = dir.path().join("wordpress.cdx.json");
+    std::fs::write(&cdx, &o.stdout).unwrap();
+    assert_cyclonedx_valid(&cdx);
+    let cdx: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let listed: std::collections::BTreeSet<(String, String)> = cdx["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["type"] == "library")
+        .map(|c| {
+            (
+                c["name"].as_str().unwrap().to_string(),
+                c["version"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(listed, installed);
 }
