@@ -14,7 +14,7 @@ use serde_json::Value;
 
 use crate::common::ecr::{Moto, MOTO_ACCOUNT, VENV_PYTHON};
 use crate::common::registry::{
-    echo_image, KnownRepositories, Proxy, ProxyMode, Registry, RegistryOptions,
+    echo_image, write_image_for, KnownRepositories, Proxy, ProxyMode, Registry, RegistryOptions,
 };
 use crate::common::*;
 use crate::sbom::{assert_cyclonedx_valid, assert_spdx_valid, dpkg_query, spdx_set};
@@ -848,6 +848,158 @@ fn build_push_to_a_registry_with_referrers_attaches_artifacts_with_subject() {
         .unwrap()
         .iter()
         .any(|c| c["name"] == PURGED));
+}
+
+/// A layout at `dir/oci` holding `multi:v1`, an index of two platform images (this machine's
+/// and another architecture), each with its SBOM stored; returns the layout, the index digest
+/// and the platform manifests' digests.
+fn index_with_sboms(dir: &Path) -> (PathBuf, String, Vec<String>) {
+    use wpimg::oci::Platform;
+    let oci = dir.join("oci");
+    let layout = Layout::open_or_create(&oci).unwrap();
+    let host = echo_image(&layout, "multi-host:v1", "host");
+    let other_arch = if Platform::host().architecture == "arm64" {
+        "amd64"
+    } else {
+        "arm64"
+    };
+    let config: Value =
+        serde_json::from_slice(&layout.read_blob(&host.config.digest).unwrap()).unwrap();
+    let diff_ids = config["rootfs"]["diff_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_str().unwrap().parse().unwrap())
+        .collect();
+    let other = write_image_for(
+        &layout,
+        "multi-other:v1",
+        other_arch,
+        host.layers.clone(),
+        diff_ids,
+        None,
+    );
+    let mut children = Vec::new();
+    for (img, arch) in [
+        (&host, Platform::host().architecture),
+        (&other, other_arch.to_string()),
+    ] {
+        let sbom = wpimg::sbom::generate(&layout, &img.manifest, "multi").unwrap();
+        let doc = sbom.to_json(wpimg::sbom::Format::SpdxJson);
+        wpimg::sbom::artifact::write_sbom(
+            &layout,
+            &doc,
+            wpimg::sbom::Format::SpdxJson,
+            &img.manifest,
+            &sbom.subject.created,
+        )
+        .unwrap();
+        let mut d = img.manifest.clone();
+        d.platform = Platform::parse(&format!("linux/{arch}"));
+        children.push(d);
+    }
+    let index = wpimg::oci::Index::new(children.clone());
+    layout.write_index(&index).unwrap();
+    layout.tag("multi:v1", &index.descriptor).unwrap();
+    (
+        oci,
+        index.descriptor.digest.to_string(),
+        children.iter().map(|c| c.digest.to_string()).collect(),
+    )
+}
+
+#[test]
+fn an_index_is_signed_and_each_platform_manifest_gets_its_sbom() {
+    require("skopeo");
+    let reg = Registry::start();
+    let proxy = Proxy::start(
+        &reg.url(),
+        ProxyMode {
+            referrers: true,
+            ..Default::default()
+        },
+    );
+    let d = tempfile::tempdir().unwrap();
+    let (oci, index, children) = index_with_sboms(d.path());
+    let (key, public) = openssl_key(d.path(), "k");
+    let key = key.to_str().unwrap();
+
+    // Referrers: the signature refers to the index, each SBOM to its platform manifest.
+    let dest = format!("{}/multi:v1", proxy.host());
+    let r = json_ok(&push(&oci, "multi", &dest, &["--sign-key", key], &[]));
+    assert_eq!(r["digest"], index.as_str());
+    assert_eq!(r["attachments"]["mode"], "referrers");
+    assert_eq!(r["attachments"]["signature"]["digest"], index.as_str());
+    assert_eq!(
+        r["attachments"]["sboms"].as_array().unwrap().len(),
+        2,
+        "{r}"
+    );
+    let types = |digest: &str| -> Vec<String> {
+        proxy
+            .referrers_of("multi", digest)
+            .iter()
+            .map(|d| d["artifactType"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(types(&index), [COSIGN_SIG]);
+    for c in &children {
+        assert_eq!(types(c), [SPDX], "{c}");
+    }
+    assert_eq!(verdict(&dest, &public), Ok(()));
+    // The index ECS pulls holds the two images and nothing else.
+    let raw = ok_stdout(Command::new("skopeo").args([
+        "inspect",
+        "--raw",
+        "--tls-verify=false",
+        &format!("docker://{}/multi:v1", reg.host()),
+    ]));
+    let pulled: Value = serde_json::from_str(&raw).unwrap();
+    let listed: Vec<&str> = pulled["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["digest"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        listed,
+        children.iter().map(String::as_str).collect::<Vec<_>>()
+    );
+    // `wpimg sbom` picks the platform's document.
+    let res = json_ok(&run(wpimg().args([
+        "sbom",
+        "--json",
+        &dest,
+        "--platform",
+        "linux/amd64",
+    ])));
+    let amd = if wpimg::oci::Platform::host().architecture == "amd64" {
+        0
+    } else {
+        1
+    };
+    assert_eq!(res["subject"], children[amd].as_str());
+    assert_eq!(res["source"], "stored");
+
+    // Cosign's tags: the index's .sig, one .sbom per platform manifest.
+    let r = json_ok(&push(
+        &oci,
+        "multi",
+        &format!("{}/tagged:v1", reg.host()),
+        &["--sign-key", key],
+        &[],
+    ));
+    assert_eq!(r["attachments"]["mode"], "tags");
+    let mut want = vec!["v1".to_string(), cosign_tag(&index, "sig")];
+    want.extend(children.iter().map(|c| cosign_tag(c, "sbom")));
+    want.sort();
+    assert_eq!(tags(&reg.host(), "tagged", None), want);
+    let tools = ToolVerifier::new(&reg.host(), d.path());
+    assert_eq!(tools.check("tagged", "v1", &public), Ok(()));
+    assert_eq!(
+        verdict(&format!("{}/tagged:v1", reg.host()), &public),
+        Ok(())
+    );
 }
 
 /// moto for the ECR API, the htpasswd registry and an ECR-like proxy (`referrers` or not)
