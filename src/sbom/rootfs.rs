@@ -1,13 +1,15 @@
 //! The package database files of an image's final filesystem, read from its layer blobs.
 //!
-//! Each layer (gzip, zstd or plain tar, sniffed from its first bytes) is streamed once; only
-//! entries at a database path are copied, into a private temporary directory, so memory stays
-//! flat whatever the image size. A layer's whiteouts (`.wh.NAME`) and opaque markers
+//! Each layer (gzip, zstd or plain tar, sniffed from its first bytes) is streamed once, layers
+//! in parallel (one worker per core); only entries at a database path are copied, into a
+//! private temporary directory, so memory stays flat whatever the image size. A layer's whiteouts (`.wh.NAME`) and opaque markers
 //! (`.wh..wh..opq`) hide what the layers below it had, then its own entries are laid over.
 
 use std::collections::BTreeMap;
 use std::io::{self, BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use crate::layout::Layout;
 use crate::oci::Descriptor;
@@ -63,6 +65,12 @@ enum Node {
 pub struct DbFiles {
     dir: tempfile::TempDir,
     nodes: BTreeMap<String, Node>,
+}
+
+/// Reads one layer's database entries into the temp dir, under names of its own.
+struct LayerReader<'a> {
+    dir: &'a Path,
+    layer: usize,
     counter: u64,
 }
 
@@ -77,8 +85,7 @@ struct LayerChanges {
 }
 
 impl DbFiles {
-    /// Stream `layers` (base first) from the layout and keep the database files of the result.
-    pub fn collect(layout: &Layout, layers: &[Descriptor]) -> Result<Self, SbomError> {
+    fn new() -> Result<Self, SbomError> {
         let dir = tempfile::Builder::new()
             .prefix("wpimg-sbom-")
             .tempdir()
@@ -86,20 +93,28 @@ impl DbFiles {
                 context: "create a temporary directory for package databases".into(),
                 source,
             })?;
-        let mut files = Self {
+        Ok(Self {
             dir,
             nodes: BTreeMap::new(),
-            counter: 0,
-        };
-        for layer in layers {
-            let blob = layout.open_blob(&layer.digest)?;
+        })
+    }
+
+    /// Stream `layers` (base first) from the layout and keep the database files of the result.
+    pub fn collect(layout: &Layout, layers: &[Descriptor]) -> Result<Self, SbomError> {
+        let mut files = Self::new()?;
+        let dir = files.dir.path().to_path_buf();
+        let changes = in_parallel(layers.len(), |i| {
+            let layer = &layers[i];
             let layer_err = |source| SbomError::Layer {
                 digest: layer.digest.clone(),
                 source,
             };
+            let blob = layout.open_blob(&layer.digest)?;
             let reader = decompress(blob).map_err(layer_err)?;
-            let changes = files.read_layer(reader).map_err(layer_err)?;
-            files.apply(changes);
+            LayerReader::new(&dir, i).read(reader).map_err(layer_err)
+        })?;
+        for c in changes {
+            files.apply(c);
         }
         Ok(files)
     }
@@ -108,103 +123,19 @@ impl DbFiles {
     pub fn collect_from_readers<R: Read>(
         layers: impl IntoIterator<Item = R>,
     ) -> Result<Self, SbomError> {
-        let dir = tempfile::tempdir().map_err(|source| SbomError::Io {
-            context: "create a temporary directory for package databases".into(),
-            source,
-        })?;
-        let mut files = Self {
-            dir,
-            nodes: BTreeMap::new(),
-            counter: 0,
-        };
+        let mut files = Self::new()?;
         for (i, r) in layers.into_iter().enumerate() {
             let io_err = |source| SbomError::Io {
                 context: format!("read layer {i}"),
                 source,
             };
             let reader = decompress(r).map_err(io_err)?;
-            let changes = files.read_layer(reader).map_err(io_err)?;
+            let changes = LayerReader::new(files.dir.path(), i)
+                .read(reader)
+                .map_err(io_err)?;
             files.apply(changes);
         }
         Ok(files)
-    }
-
-    fn read_layer(&mut self, reader: impl Read) -> io::Result<LayerChanges> {
-        let mut changes = LayerChanges::default();
-        let mut archive = tar::Archive::new(reader);
-        for entry in archive.entries()? {
-            let mut entry = entry?;
-            let Some(path) = normalize(&entry.path_bytes()) else {
-                continue;
-            };
-            let (parent, base) = match path.rsplit_once('/') {
-                Some((p, b)) => (p.to_string(), b),
-                None => (String::new(), path.as_str()),
-            };
-            if base == OPAQUE_MARKER {
-                changes.opaque.push(parent);
-                continue;
-            }
-            if let Some(hidden) = base.strip_prefix(WHITEOUT_PREFIX) {
-                changes.removed.push(join(&parent, hidden));
-                continue;
-            }
-            if !is_database_path(&path) {
-                continue;
-            }
-            let kind = entry.header().entry_type();
-            if kind.is_file() {
-                let dest = self.copy_out(&mut entry, &path)?;
-                changes.added.insert(path, Node::File(dest));
-            } else if kind.is_symlink() {
-                let target = entry
-                    .link_name_bytes()
-                    .map(|t| String::from_utf8_lossy(&t).into_owned())
-                    .unwrap_or_default();
-                changes.added.insert(path, Node::Symlink(target));
-            } else if kind.is_hard_link() {
-                let target = entry.link_name_bytes().and_then(|t| normalize(&t));
-                let src = target.and_then(|t| match changes.added.get(&t) {
-                    Some(Node::File(p)) => Some(p.clone()),
-                    _ => None,
-                });
-                match src {
-                    Some(src) => {
-                        let dest = self.copy_file(&src)?;
-                        changes.added.insert(path, Node::File(dest));
-                    }
-                    None => changes.removed.push(path),
-                }
-            } else {
-                // A directory or device where a database file was: the file is gone.
-                changes.removed.push(path);
-            }
-        }
-        Ok(changes)
-    }
-
-    fn next_temp_path(&mut self) -> PathBuf {
-        self.counter += 1;
-        self.dir.path().join(format!("f{}", self.counter))
-    }
-
-    fn copy_out(&mut self, entry: &mut impl Read, path: &str) -> io::Result<PathBuf> {
-        let dest = self.next_temp_path();
-        let mut out = fs_err::File::create(&dest)?;
-        let n = io::copy(&mut entry.take(MAX_FILE_SIZE + 1), &mut out)?;
-        if n > MAX_FILE_SIZE {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("/{path} is larger than {MAX_FILE_SIZE} bytes"),
-            ));
-        }
-        Ok(dest)
-    }
-
-    fn copy_file(&mut self, src: &Path) -> io::Result<PathBuf> {
-        let dest = self.next_temp_path();
-        fs_err::copy(src, &dest)?;
-        Ok(dest)
     }
 
     fn apply(&mut self, changes: LayerChanges) {
@@ -265,6 +196,136 @@ impl DbFiles {
     pub fn paths(&self) -> Vec<String> {
         self.nodes.keys().cloned().collect()
     }
+}
+
+impl<'a> LayerReader<'a> {
+    fn new(dir: &'a Path, layer: usize) -> Self {
+        Self {
+            dir,
+            layer,
+            counter: 0,
+        }
+    }
+
+    fn read(&mut self, reader: impl Read) -> io::Result<LayerChanges> {
+        let mut changes = LayerChanges::default();
+        let mut archive = tar::Archive::new(reader);
+        for entry in archive.entries()? {
+            let mut entry = entry?;
+            let Some(path) = normalize(&entry.path_bytes()) else {
+                continue;
+            };
+            let (parent, base) = match path.rsplit_once('/') {
+                Some((p, b)) => (p.to_string(), b),
+                None => (String::new(), path.as_str()),
+            };
+            if base == OPAQUE_MARKER {
+                changes.opaque.push(parent);
+                continue;
+            }
+            if let Some(hidden) = base.strip_prefix(WHITEOUT_PREFIX) {
+                changes.removed.push(join(&parent, hidden));
+                continue;
+            }
+            if !is_database_path(&path) {
+                continue;
+            }
+            let kind = entry.header().entry_type();
+            if kind.is_file() {
+                let dest = self.copy_out(&mut entry, &path)?;
+                changes.added.insert(path, Node::File(dest));
+            } else if kind.is_symlink() {
+                let target = entry
+                    .link_name_bytes()
+                    .map(|t| String::from_utf8_lossy(&t).into_owned())
+                    .unwrap_or_default();
+                changes.added.insert(path, Node::Symlink(target));
+            } else if kind.is_hard_link() {
+                let target = entry.link_name_bytes().and_then(|t| normalize(&t));
+                let src = target.and_then(|t| match changes.added.get(&t) {
+                    Some(Node::File(p)) => Some(p.clone()),
+                    _ => None,
+                });
+                match src {
+                    Some(src) => {
+                        let dest = self.copy_file(&src)?;
+                        changes.added.insert(path, Node::File(dest));
+                    }
+                    None => changes.removed.push(path),
+                }
+            } else {
+                // A directory or device where a database file was: the file is gone.
+                changes.removed.push(path);
+            }
+        }
+        Ok(changes)
+    }
+
+    fn next_temp_path(&mut self) -> PathBuf {
+        self.counter += 1;
+        self.dir.join(format!("l{}-f{}", self.layer, self.counter))
+    }
+
+    fn copy_out(&mut self, entry: &mut impl Read, path: &str) -> io::Result<PathBuf> {
+        let dest = self.next_temp_path();
+        let mut out = fs_err::File::create(&dest)?;
+        let n = io::copy(&mut entry.take(MAX_FILE_SIZE + 1), &mut out)?;
+        if n > MAX_FILE_SIZE {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("/{path} is larger than {MAX_FILE_SIZE} bytes"),
+            ));
+        }
+        Ok(dest)
+    }
+
+    fn copy_file(&mut self, src: &Path) -> io::Result<PathBuf> {
+        let dest = self.next_temp_path();
+        fs_err::copy(src, &dest)?;
+        Ok(dest)
+    }
+}
+
+/// `work(i)` for every `i` below `n` on one worker per core; the results in order, or the
+/// first error.
+fn in_parallel<T: Send, E: Send>(
+    n: usize,
+    work: impl Fn(usize) -> Result<T, E> + Sync,
+) -> Result<Vec<T>, E> {
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |p| p.get())
+        .min(n);
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<Option<Result<T, E>>>> = Mutex::new((0..n).map(|_| None).collect());
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    break;
+                }
+                let r = work(i);
+                let failed = r.is_err();
+                if let Ok(mut all) = results.lock() {
+                    all[i] = Some(r);
+                }
+                if failed {
+                    // The first error is the answer: leave the remaining layers.
+                    next.store(n, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    let all = results.into_inner().unwrap_or_else(|p| p.into_inner());
+    let mut out = Vec::with_capacity(n);
+    for r in all {
+        match r {
+            Some(Ok(v)) => out.push(v),
+            Some(Err(e)) => return Err(e),
+            None => {}
+        }
+    }
+    Ok(out)
 }
 
 /// Wrap a layer stream in the decompressor its magic bytes call for.
