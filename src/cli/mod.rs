@@ -3,6 +3,7 @@
 
 pub mod args;
 mod build;
+mod cache;
 mod inspect;
 pub mod output;
 mod push;
@@ -13,7 +14,8 @@ mod validate;
 use std::sync::Arc;
 
 pub use args::{
-    BuildArgs, Cli, Command, GlobalArgs, InspectCmd, LoginArgs, PushArgs, PushCmd, ValidateArgs,
+    BuildArgs, CacheAction, CacheCmd, Cli, Command, GlobalArgs, InspectCmd, LoginArgs, PruneArgs,
+    PushArgs, PushCmd, ValidateArgs,
 };
 pub use output::Output;
 
@@ -75,6 +77,9 @@ async fn dispatch(cli: &Cli, out: &Arc<Output>) -> anyhow::Result<()> {
         Command::Build(b) => build::run(g, b, out).await,
         Command::Push(p) => push::run(g, p, out).await,
         Command::Inspect(i) => inspect::run(g, i, out).await,
+        Command::Cache(c) => match &c.action {
+            CacheAction::Prune(p) => cache::prune(g, p, out).await,
+        },
         Command::Schema => schema::run(),
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
