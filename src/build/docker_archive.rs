@@ -63,7 +63,12 @@ pub fn write_with(
     let mut b = tar::Builder::new(out);
     let config = &image.manifest.config.digest;
     let cfg_name = format!("{}.json", config.hex());
-    append_blob(&mut b, layout, &cfg_name, config)?;
+    // From the image itself: intermediate step images are not stored in the layout.
+    b.append_data(
+        &mut file_header(image.raw_config.len() as u64),
+        &cfg_name,
+        image.raw_config.as_slice(),
+    )?;
     let mut names = Vec::new();
     for (i, d) in image.layer_digests().into_iter().enumerate() {
         let n = format!("{}/layer.tar", d.hex());

@@ -22,4 +22,5 @@ mod registry_faults;
 mod registry_hostile;
 mod sbom;
 mod sign;
+mod steps;
 mod wordpress;
