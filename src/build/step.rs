@@ -545,24 +545,23 @@ impl StepRun<'_> {
             .cancellable(self.provision_and_read(&container, provisioning, spool))
             .await
             .and_then(|r| r);
-        if let Some(l) = locks {
-            l.release().await?;
-        }
         let keep =
             ctx.options.keep_on_error && matches!(produced, Err(BuildError::Provision { .. }));
-        match produced {
+        let result = match produced {
             Err(BuildError::Provision { source, .. }) if keep => Err(BuildError::Provision {
                 source,
                 kept: Some(container.keep()),
             }),
-            Err(e) => {
-                container.remove().await?;
-                Err(e)
-            }
+            Err(e) => container.remove().await.map_err(Into::into).and(Err(e)),
             Ok((info, source)) => {
                 container.remove_in_background(ctx);
                 Ok((info, source, spec.name))
             }
+        };
+        // The container is stopped (or gone): nothing writes to the volumes any more.
+        match locks {
+            Some(l) => l.release().await.and(result),
+            None => result,
         }
     }
 

@@ -604,3 +604,78 @@ fn diff(a: &str, b: &str) -> String {
     }
     out
 }
+
+#[test]
+fn a_templated_include_makes_the_whole_playbook_directory_count() {
+    require_fixtures();
+    require("ansible-playbook");
+    let name = unique("wpimg-test/fallback");
+    let _c = Cleanup(name.clone());
+    let p = project();
+    let dir = p.path();
+    let tasks = dir.join("playbooks/roles/second/tasks");
+    std::fs::write(
+        tasks.join("extra.yml"),
+        "- name: Extra\n  ansible.builtin.debug:\n    msg: extra\n",
+    )
+    .unwrap();
+    let main = std::fs::read_to_string(tasks.join("main.yml")).unwrap();
+    std::fs::write(
+        tasks.join("main.yml"),
+        format!("{main}\n- name: Templated include\n  ansible.builtin.include_tasks: \"{{{{ 'extra' }}}}.yml\"\n"),
+    )
+    .unwrap();
+    let first = build(dir, &name, &["-v"]);
+    assert_eq!(first.caches(), ["miss", "miss"]);
+    let notes: Vec<&serde_json::Value> = first
+        .events
+        .iter()
+        .filter(|e| {
+            e["event"] == "note"
+                && e["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("covers the whole playbook directory"))
+        })
+        .collect();
+    assert!(!notes.is_empty(), "no -v note: {:?}", first.events);
+    let note = notes[0]["message"].as_str().unwrap();
+    assert!(note.starts_with("step two:"), "{note}");
+    assert!(note.contains("is templated"), "{note}");
+    // Step two now depends on every file of the directory; step one still does not.
+    std::fs::write(dir.join("playbooks/notes.txt"), "edited\n").unwrap();
+    let edited = build(dir, &name, &[]);
+    assert_eq!(edited.caches(), ["hit", "miss"]);
+    assert_eq!(edited.reasons("two"), ["file changed: playbooks/notes.txt"]);
+}
+
+#[test]
+fn the_cache_repository_holds_each_step() {
+    require_fixtures();
+    require("ansible-playbook");
+    let reg = crate::common::registry::Registry::start();
+    let repo = format!("{}/wpimg/steps-cache", reg.host());
+    let name = unique("wpimg-test/stepsrepo");
+    let _c = Cleanup(name.clone());
+    let a = project();
+    let first = build(a.path(), &name, &["--cache-repo", &repo]);
+    assert_eq!(first.caches(), ["miss", "miss"]);
+    // Another checkout (empty layout): both steps from the repository, the same image.
+    let b = project();
+    let second = build(b.path(), &name, &["--cache-repo", &repo]);
+    assert_eq!(second.caches(), ["hit", "hit"]);
+    assert_eq!(second.digest(), first.digest());
+    // An edit of step two there: step one from the repository, step two runs.
+    edit(
+        &b.path().join("playbooks/roles/second/templates/two.j2"),
+        "two {{",
+        "2 {{",
+    );
+    let c = project();
+    edit(
+        &c.path().join("playbooks/roles/second/templates/two.j2"),
+        "two {{",
+        "2 {{",
+    );
+    let third = build(c.path(), &name, &["--cache-repo", &repo]);
+    assert_eq!(third.caches(), ["hit", "miss"]);
+}
