@@ -67,6 +67,19 @@ pub enum Event {
         /// The line, without newline.
         line: String,
     },
+    /// A provisioning step begins.
+    StepStart {
+        /// The step's name.
+        step: String,
+    },
+    /// A step's cache key matched no entry: which inputs differ from the newest entry of the
+    /// same step (file paths, variable and environment names; never values).
+    CacheMiss {
+        /// The step's name.
+        step: String,
+        /// Why (`file changed: roles/app/templates/x.j2`, `variable changed: db_name`, ...).
+        reasons: Vec<String>,
+    },
     /// A human-oriented note (e.g. "retrying after 503").
     Note {
         /// The message.
@@ -168,6 +181,17 @@ mod tests {
                     message: "w".into(),
                 },
                 r#"{"event":"warning","message":"w"}"#,
+            ),
+            (
+                Event::StepStart { step: "os".into() },
+                r#"{"event":"step_start","step":"os"}"#,
+            ),
+            (
+                Event::CacheMiss {
+                    step: "app".into(),
+                    reasons: vec!["file changed: roles/app/templates/x.j2".into()],
+                },
+                r#"{"event":"cache_miss","step":"app","reasons":["file changed: roles/app/templates/x.j2"]}"#,
             ),
         ];
         for (e, want) in cases {

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::build::{BuildReport, CacheOutcome, LayerReport, StageTime};
+use crate::build::{BuildReport, CacheOutcome, LayerReport, StageTime, StepReport};
 use crate::oci::Digest;
 use crate::publish::PushOutcome;
 
@@ -45,8 +45,10 @@ pub struct BuildManifest {
     pub layers: Option<Vec<LayerReport>>,
     /// Total compressed size.
     pub total_size: Option<u64>,
-    /// Cache outcome.
+    /// Cache outcome: `hit`, `miss` or `partial`.
     pub cache: Option<CacheOutcome>,
+    /// What each step did (name, cache, layer, seconds).
+    pub steps: Option<Vec<StepReport>>,
     /// Stage timings of the build.
     pub stages: Option<Vec<StageTime>>,
     /// Where the image was pushed.
@@ -73,6 +75,7 @@ impl BuildManifest {
             layers: Some(report.layers.clone()),
             total_size: Some(report.total_size),
             cache: Some(report.cache),
+            steps: Some(report.steps.clone()),
             stages: Some(report.stages.clone()),
             pushed: pushed.map(Pushed::of).into_iter().collect(),
         }
@@ -93,6 +96,7 @@ impl BuildManifest {
             layers: None,
             total_size: None,
             cache: None,
+            steps: None,
             stages: None,
             pushed: vec![Pushed::of(pushed)],
         }
@@ -131,7 +135,7 @@ pub fn git_revision(dir: &Path) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::build::{LayerSource, StageTime};
+    use crate::build::{LayerSource, StageTime, StepReport};
     use crate::oci::Descriptor;
     use crate::publish::PushDetails;
     use crate::registry::PushReport;
@@ -170,6 +174,13 @@ mod tests {
             container: "c".into(),
             loaded: None,
             sbom: None,
+            steps: vec![StepReport {
+                name: "os".into(),
+                cache: CacheOutcome::Miss,
+                layer: d("l"),
+                seconds: 1.5,
+            }],
+            squashed: false,
         };
         let pushed = PushOutcome {
             image_uri: format!("r/app@{}", d("m")),
@@ -217,6 +228,7 @@ mod tests {
                 "layers",
                 "total_size",
                 "cache",
+                "steps",
                 "stages",
                 "pushed"
             ]
@@ -225,6 +237,10 @@ mod tests {
         assert_eq!(doc["pushed"][0]["image_uri"], format!("r/app@{}", d("m")));
         assert_eq!(doc["git_revision"], "abc");
         assert_eq!(doc["cache"], "miss");
+        assert_eq!(
+            doc["steps"],
+            serde_json::json!([{"name": "os", "cache": "miss", "layer": d("l").to_string(), "seconds": 1.5}])
+        );
         let doc = serde_json::to_value(BuildManifest::of_push(&pushed, None)).unwrap();
         assert_eq!(doc["manifest_digest"], d("m").to_string());
         assert_eq!(doc["pushed"][0]["tags"][0], "latest");

@@ -110,6 +110,28 @@ pub struct ContainerSpec {
     pub labels: HashMap<String, String>,
     /// Platform (`linux/amd64`), if any.
     pub platform: Option<String>,
+    /// Named volumes mounted in the container: (volume, absolute path).
+    pub volumes: Vec<(String, String)>,
+}
+
+/// A named volume of the engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeInfo {
+    /// Its name.
+    pub name: String,
+    /// Its labels.
+    pub labels: HashMap<String, String>,
+    /// Where its data is on the engine's host.
+    pub mountpoint: String,
+}
+
+/// An image of the engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageInfo {
+    /// Its ID (`sha256:...`).
+    pub id: String,
+    /// Its labels.
+    pub labels: HashMap<String, String>,
 }
 
 /// The container engine operations wpimg needs.
@@ -137,6 +159,31 @@ pub trait Engine: Send + Sync {
     async fn remove_image(&self, image: &str) -> Result<(), RuntimeError>;
     /// Names of containers carrying a label.
     async fn containers_with_label(&self, label: &str) -> Result<Vec<String>, RuntimeError>;
+    /// Create a named volume (nothing happens when it exists).
+    async fn create_volume(
+        &self,
+        name: &str,
+        labels: &HashMap<String, String>,
+    ) -> Result<(), RuntimeError>;
+    /// Volumes carrying a label (`KEY` or `KEY=VALUE`).
+    async fn volumes_with_label(&self, label: &str) -> Result<Vec<VolumeInfo>, RuntimeError>;
+    /// Remove a volume; `false` when a container still uses it.
+    async fn remove_volume(&self, name: &str) -> Result<bool, RuntimeError>;
+    /// Images carrying a label (`KEY` or `KEY=VALUE`).
+    async fn images_with_label(&self, label: &str) -> Result<Vec<ImageInfo>, RuntimeError>;
+    /// Create (never start) a container named `name` of `image`: an engine-wide mutex. `false`
+    /// when a container of that name exists.
+    async fn create_marker(
+        &self,
+        name: &str,
+        image: &str,
+        labels: &HashMap<String, String>,
+    ) -> Result<bool, RuntimeError>;
+    /// The labels of a container, `None` when there is none of that name.
+    async fn container_labels(
+        &self,
+        name: &str,
+    ) -> Result<Option<HashMap<String, String>>, RuntimeError>;
 }
 
 /// Where the engine listens when `DOCKER_HOST` is not set.
@@ -386,6 +433,17 @@ impl Engine for DockerEngine {
             labels: Some(spec.labels.clone()),
             host_config: Some(HostConfig {
                 init: Some(false),
+                mounts: Some(
+                    spec.volumes
+                        .iter()
+                        .map(|(volume, target)| bollard::models::Mount {
+                            typ: Some(bollard::models::MountType::VOLUME),
+                            source: Some(volume.clone()),
+                            target: Some(target.clone()),
+                            ..Default::default()
+                        })
+                        .collect(),
+                ),
                 ..Default::default()
             }),
             ..Default::default()
@@ -495,6 +553,118 @@ impl Engine for DockerEngine {
             .map(|n| n.trim_start_matches('/').to_string())
             .collect())
     }
+
+    async fn create_volume(
+        &self,
+        name: &str,
+        labels: &HashMap<String, String>,
+    ) -> Result<(), RuntimeError> {
+        let req = bollard::models::VolumeCreateRequest {
+            name: Some(name.to_string()),
+            labels: Some(labels.clone()),
+            ..Default::default()
+        };
+        self.docker
+            .create_volume(req)
+            .await
+            .map_err(api(format!("create volume {name}")))?;
+        Ok(())
+    }
+
+    async fn volumes_with_label(&self, label: &str) -> Result<Vec<VolumeInfo>, RuntimeError> {
+        let filters = HashMap::from([("label".to_string(), vec![label.to_string()])]);
+        let opts = bollard::query_parameters::ListVolumesOptionsBuilder::default()
+            .filters(&filters)
+            .build();
+        let list = self
+            .docker
+            .list_volumes(Some(opts))
+            .await
+            .map_err(api("list volumes"))?;
+        Ok(list
+            .volumes
+            .unwrap_or_default()
+            .into_iter()
+            .map(|v| VolumeInfo {
+                name: v.name,
+                labels: v.labels,
+                mountpoint: v.mountpoint,
+            })
+            .collect())
+    }
+
+    async fn remove_volume(&self, name: &str) -> Result<bool, RuntimeError> {
+        match self
+            .docker
+            .remove_volume(name, None::<bollard::query_parameters::RemoveVolumeOptions>)
+            .await
+        {
+            Ok(()) => Ok(true),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(true),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 409, ..
+            }) => Ok(false),
+            Err(e) => Err(api(format!("remove volume {name}"))(e)),
+        }
+    }
+
+    async fn images_with_label(&self, label: &str) -> Result<Vec<ImageInfo>, RuntimeError> {
+        let filters = HashMap::from([("label".to_string(), vec![label.to_string()])]);
+        let opts = bollard::query_parameters::ListImagesOptionsBuilder::default()
+            .all(true)
+            .filters(&filters)
+            .build();
+        let list = self
+            .docker
+            .list_images(Some(opts))
+            .await
+            .map_err(api("list images"))?;
+        Ok(list
+            .into_iter()
+            .map(|i| ImageInfo {
+                id: i.id,
+                labels: i.labels,
+            })
+            .collect())
+    }
+
+    async fn create_marker(
+        &self,
+        name: &str,
+        image: &str,
+        labels: &HashMap<String, String>,
+    ) -> Result<bool, RuntimeError> {
+        let opts = CreateContainerOptionsBuilder::default().name(name).build();
+        let body = ContainerCreateBody {
+            image: Some(image.to_string()),
+            entrypoint: Some(vec!["/bin/true".into()]),
+            cmd: Some(vec![]),
+            labels: Some(labels.clone()),
+            ..Default::default()
+        };
+        match self.docker.create_container(Some(opts), body).await {
+            Ok(_) => Ok(true),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 409, ..
+            }) => Ok(false),
+            Err(e) => Err(api(format!("create container {name}"))(e)),
+        }
+    }
+
+    async fn container_labels(
+        &self,
+        name: &str,
+    ) -> Result<Option<HashMap<String, String>>, RuntimeError> {
+        match self.docker.inspect_container(name, None).await {
+            Ok(c) => Ok(Some(c.config.and_then(|c| c.labels).unwrap_or_default())),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(None),
+            Err(e) => Err(api(format!("inspect container {name}"))(e)),
+        }
+    }
 }
 
 /// A fake engine that records calls, for unit tests of the build stages.
@@ -508,6 +678,10 @@ pub struct FakeEngine {
     pub upper: Option<PathBuf>,
     /// Make `start_keepalive` fail.
     pub fail_start: bool,
+    /// Volumes that exist, with their labels.
+    pub volumes: Mutex<HashMap<String, HashMap<String, String>>>,
+    /// Marker containers that exist, with their labels.
+    pub markers: Mutex<HashMap<String, HashMap<String, String>>>,
 }
 
 impl FakeEngine {
@@ -565,6 +739,9 @@ impl Engine for FakeEngine {
     }
     async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
         self.record(format!("remove {id}"));
+        if let Ok(mut m) = self.markers.lock() {
+            m.remove(id);
+        }
         Ok(())
     }
     async fn upper_dir(&self, id: &str) -> Result<Option<PathBuf>, RuntimeError> {
@@ -586,6 +763,72 @@ impl Engine for FakeEngine {
     async fn containers_with_label(&self, label: &str) -> Result<Vec<String>, RuntimeError> {
         self.record(format!("containers_with_label {label}"));
         Ok(vec![])
+    }
+    async fn create_volume(
+        &self,
+        name: &str,
+        labels: &HashMap<String, String>,
+    ) -> Result<(), RuntimeError> {
+        self.record(format!("create_volume {name}"));
+        if let Ok(mut v) = self.volumes.lock() {
+            v.entry(name.to_string()).or_insert_with(|| labels.clone());
+        }
+        Ok(())
+    }
+    async fn volumes_with_label(&self, label: &str) -> Result<Vec<VolumeInfo>, RuntimeError> {
+        self.record(format!("volumes_with_label {label}"));
+        let v = self.volumes.lock().map(|v| v.clone()).unwrap_or_default();
+        Ok(v.into_iter()
+            .filter(|(_, l)| label_matches(l, label))
+            .map(|(name, labels)| VolumeInfo {
+                name,
+                labels,
+                mountpoint: String::new(),
+            })
+            .collect())
+    }
+    async fn remove_volume(&self, name: &str) -> Result<bool, RuntimeError> {
+        self.record(format!("remove_volume {name}"));
+        if let Ok(mut v) = self.volumes.lock() {
+            v.remove(name);
+        }
+        Ok(true)
+    }
+    async fn images_with_label(&self, label: &str) -> Result<Vec<ImageInfo>, RuntimeError> {
+        self.record(format!("images_with_label {label}"));
+        Ok(vec![])
+    }
+    async fn create_marker(
+        &self,
+        name: &str,
+        image: &str,
+        labels: &HashMap<String, String>,
+    ) -> Result<bool, RuntimeError> {
+        self.record(format!("create_marker {name} {image}"));
+        let mut m = self
+            .markers
+            .lock()
+            .map_err(|_| RuntimeError::Io(std::io::Error::other("poisoned")))?;
+        if m.contains_key(name) {
+            return Ok(false);
+        }
+        m.insert(name.to_string(), labels.clone());
+        Ok(true)
+    }
+    async fn container_labels(
+        &self,
+        name: &str,
+    ) -> Result<Option<HashMap<String, String>>, RuntimeError> {
+        self.record(format!("container_labels {name}"));
+        Ok(self.markers.lock().ok().and_then(|m| m.get(name).cloned()))
+    }
+}
+
+/// Whether labels match a filter `KEY` or `KEY=VALUE` (as the engine's `label` filter does).
+fn label_matches(labels: &HashMap<String, String>, filter: &str) -> bool {
+    match filter.split_once('=') {
+        Some((k, v)) => labels.get(k).is_some_and(|x| x == v),
+        None => labels.contains_key(filter),
     }
 }
 

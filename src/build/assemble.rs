@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use super::step::StepOutcome;
-use crate::oci::{Image, ImageConfig, OciError};
+use crate::oci::{Addendum, History, Image, ImageConfig, OciError};
 use crate::spec::ImageSettings;
 
 /// The result image: `base` with each step's layer appended and `settings` applied, dated by the
@@ -17,6 +17,29 @@ pub fn assemble(
     let layers: Vec<_> = steps.iter().map(StepOutcome::addendum).collect();
     let created = steps.last().map_or(0, |s| s.created);
     base.append(&layers, created, |c| apply(settings, c))
+}
+
+/// The result with the steps' layers squashed into `squashed`: one layer, and still one
+/// history entry per step (all but the last marked `empty_layer`).
+pub fn assemble_squashed(
+    base: &Image,
+    steps: &[StepOutcome],
+    squashed: &Addendum,
+    settings: &ImageSettings,
+) -> Result<Image, OciError> {
+    let created = steps.last().map_or(0, |s| s.created);
+    let when = crate::oci::rfc3339(created);
+    let earlier = &steps[..steps.len().saturating_sub(1)];
+    base.append(std::slice::from_ref(squashed), created, |c| {
+        for s in earlier {
+            c.history.push(History {
+                created: Some(when.clone()),
+                empty_layer: Some(true),
+                ..s.history.clone()
+            });
+        }
+        apply(settings, c)
+    })
 }
 
 /// Apply image.yaml's `image:` settings to a config; unset fields inherit from the base.

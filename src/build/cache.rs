@@ -1,29 +1,24 @@
-//! The build cache: a key over every input of a provisioning step, mapping to the layer it
-//! produced. Entries live in the local OCI layout (`wpimg-cache/KEY.json` + the layer blob) and,
-//! with `--cache-repo`, in a registry repository as one-layer images tagged `wpimg-cache-KEY`
-//! ([`Cache`] looks in both and stores in both).
+//! The build cache: a step's key ([`super::key`]) maps to the layer the step produced.
+//! Entries live in the local OCI layout (`wpimg-cache/KEY.json` + the layer blob, and
+//! `wpimg-cache/newest/` naming the newest entry of each image, step and platform) and, with
+//! `--cache-repo`, in a registry repository as one-layer images tagged `wpimg-cache-KEY`
+//! ([`Cache`] looks in both and stores in both). An entry remembers its inputs (salted
+//! digests), so a miss is explained against the newest entry of the same step ([`explain`]).
 
-use std::collections::BTreeMap;
-use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
+use super::key::{Input, KeyInputs};
 use crate::events::{Event, SharedReporter};
 use crate::layout::{write_atomic, Layout};
 use crate::oci::{Addendum, Descriptor, Digest, Image, Platform};
 use crate::reference::Reference;
 use crate::registry::{Client, RegistryError};
-use crate::spec::ImageSpec;
 
-/// Version of the cache key recipe; bump when the layer format or key inputs change.
-const KEY_VERSION: &str = "wpimg-cache-v1";
-
-/// Directory names never hashed as playbook content (VCS data, wpimg's own output).
-const SKIP_DIRS: &[&str] = &[".git", ".wpimg", ".hg", ".svn", "__pycache__"];
-
-/// What a cache entry remembers of a provisioning run.
+/// What a cache entry remembers of a step's run.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct CacheEntry {
     /// The cache key.
@@ -36,127 +31,119 @@ pub struct CacheEntry {
     pub uncompressed_size: u64,
     /// When the layer was produced (Unix seconds): reused so an unchanged rebuild has the same digest.
     pub created: i64,
+    /// The image name it was built for.
+    #[serde(default)]
+    pub image: String,
+    /// The step's name.
+    #[serde(default)]
+    pub step: String,
+    /// The platform.
+    #[serde(default)]
+    pub platform: String,
+    /// Salt of the input digests.
+    #[serde(default)]
+    pub salt: String,
+    /// The inputs of the key (salted digests, never values).
+    #[serde(default)]
+    pub inputs: Vec<Input>,
 }
 
-/// Compute the cache key of a build.
-pub fn key(
-    spec: &ImageSpec,
-    base_digest: &Digest,
-    platform: &str,
-    oci_dir: &Path,
-) -> std::io::Result<String> {
-    let mut h = Sha256::new();
-    let mut field = |name: &str, bytes: &[u8]| {
-        h.update(name.as_bytes());
-        h.update((bytes.len() as u64).to_le_bytes());
-        h.update(bytes);
-    };
-    field("version", KEY_VERSION.as_bytes());
-    field("wpimg", env!("CARGO_PKG_VERSION").as_bytes());
-    field("base", base_digest.to_string().as_bytes());
-    field("platform", platform.as_bytes());
-    field("image.yaml", spec.source.raw.as_bytes());
-    // The resolved spec: variables, extra vars, ansible args and env after interpolation, with
-    // paths relative to image.yaml so checkouts in different places share the cache.
-    field(
-        "spec",
-        &serde_json::to_vec(&portable_spec(spec)).unwrap_or_default(),
-    );
-    let mut files = Vec::new();
-    let pb_dir = spec
-        .provision
-        .playbook
-        .parent()
-        .unwrap_or(Path::new("."))
-        .to_path_buf();
-    collect(&pb_dir, &pb_dir, oci_dir, &mut files)?;
-    for cfg in [spec.source.dir.join("ansible.cfg")] {
-        if cfg.is_file() && !cfg.starts_with(&pb_dir) {
-            files.push((PathBuf::from("../ansible.cfg"), cfg));
-        }
-    }
-    if let Some(env_cfg) = std::env::var_os("ANSIBLE_CONFIG") {
-        let p = PathBuf::from(env_cfg);
-        if p.is_file() {
-            files.push((PathBuf::from("$ANSIBLE_CONFIG"), p));
-        }
-    }
-    files.sort();
-    for (rel, abs) in files {
-        let meta = fs_err::symlink_metadata(&abs)?;
-        let kind = if meta.file_type().is_symlink() {
-            fs_err::read_link(&abs)?.to_string_lossy().into_owned()
-        } else {
-            use std::os::unix::fs::PermissionsExt;
-            format!("mode {:o}", meta.permissions().mode() & 0o777)
+impl CacheEntry {
+    /// A new entry for a layer made from `inputs` (a fresh salt).
+    pub fn new(
+        key: &str,
+        info: &crate::layer::LayerInfo,
+        created: i64,
+        owner: &EntryOwner<'_>,
+        inputs: &KeyInputs,
+    ) -> Self {
+        let mut e = Self {
+            key: key.to_string(),
+            layer: info.descriptor(),
+            diff_id: info.diff_id.clone(),
+            uncompressed_size: info.uncompressed_size,
+            created,
+            image: String::new(),
+            step: String::new(),
+            platform: String::new(),
+            salt: String::new(),
+            inputs: Vec::new(),
         };
-        field("path", rel.to_string_lossy().as_bytes());
-        field("kind", kind.as_bytes());
-        if meta.is_file() {
-            let mut f = fs_err::File::open(&abs)?;
-            let mut buf = vec![0u8; 1 << 16];
-            let mut fh = Sha256::new();
-            loop {
-                let n = f.read(&mut buf)?;
-                if n == 0 {
-                    break;
-                }
-                fh.update(&buf[..n]);
-            }
-            field("content", &fh.finalize());
-        }
+        e.remember(owner, inputs);
+        e
     }
-    Ok(hex::encode(h.finalize()))
+
+    /// Record whose entry it is and its inputs (salted with a fresh salt).
+    pub fn remember(&mut self, owner: &EntryOwner<'_>, inputs: &KeyInputs) {
+        self.image = owner.image.to_string();
+        self.step = owner.step.to_string();
+        self.platform = owner.platform.to_string();
+        self.salt = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+        self.inputs = inputs.salted(&self.salt);
+    }
 }
 
-fn portable_spec(spec: &ImageSpec) -> serde_json::Value {
-    let mut v = serde_json::to_value(spec).unwrap_or_default();
-    let rel = |p: &Path| {
-        p.strip_prefix(&spec.source.dir)
-            .unwrap_or(p)
-            .to_string_lossy()
-            .into_owned()
+/// Whose entry it is: an image's step on a platform.
+#[derive(Debug, Clone, Copy)]
+pub struct EntryOwner<'a> {
+    /// Image name.
+    pub image: &'a str,
+    /// Step name.
+    pub step: &'a str,
+    /// Platform.
+    pub platform: &'a str,
+}
+
+/// Why a step missed: which inputs differ from the newest entry of the same step (names of
+/// files, variables and environment variables, never values).
+pub fn explain(newest: Option<&CacheEntry>, key: &str, now: &KeyInputs) -> Vec<String> {
+    let Some(old) = newest else {
+        return vec!["no earlier build of this step".into()];
     };
-    if let Some(m) = v.as_object_mut() {
-        m.remove("source");
+    if old.key == key {
+        return vec!["its cached layer is no longer in the layout".into()];
     }
-    if let Some(p) = v.pointer_mut("/provision/playbook") {
-        *p = rel(&spec.provision.playbook).into();
+    let before: BTreeMap<&str, &str> = old
+        .inputs
+        .iter()
+        .map(|i| (i.name.as_str(), i.digest.as_str()))
+        .collect();
+    let salted = now.salted(&old.salt);
+    let after: BTreeMap<&str, &str> = salted
+        .iter()
+        .map(|i| (i.name.as_str(), i.digest.as_str()))
+        .collect();
+    let names: BTreeSet<&str> = before.keys().chain(after.keys()).copied().collect();
+    let mut reasons: Vec<(u8, String)> = Vec::new();
+    for name in names {
+        let (kind, what) = name.split_once(':').unwrap_or((name, ""));
+        let change = match (before.get(name), after.get(name)) {
+            (Some(a), Some(b)) if a == b => continue,
+            (Some(_), Some(_)) => "changed",
+            (None, Some(_)) => "added",
+            (Some(_), None) => "removed",
+            (None, None) => continue,
+        };
+        let reason = match kind {
+            "format" => (0, "wpimg's cache format changed".to_string()),
+            "base" => (1, "base changed".to_string()),
+            "parent" => (2, "parent step changed".to_string()),
+            "platform" => (3, "platform changed".to_string()),
+            "setting" => (4, format!("setting {change}: {what}")),
+            "var" => (5, format!("variable {change}: {what}")),
+            "env" => (6, format!("env {change}: {what}")),
+            "ansible.cfg" => (7, format!("file {change}: ansible.cfg")),
+            "file" => (7, format!("file {change}: {what}")),
+            _ => continue,
+        };
+        reasons.push(reason);
     }
-    if let (Some(p), Some(lp)) = (
-        v.pointer_mut("/target/ecr/lifecycle_policy"),
-        spec.target
-            .as_ref()
-            .and_then(|t| t.ecr.as_ref())
-            .and_then(|e| e.lifecycle_policy.as_ref()),
-    ) {
-        *p = rel(lp).into();
+    // Stable: within a kind, by input name.
+    reasons.sort_by_key(|(rank, _)| *rank);
+    if reasons.is_empty() {
+        return vec!["cache key changed".into()];
     }
-    v
-}
-
-fn collect(
-    root: &Path,
-    dir: &Path,
-    skip: &Path,
-    out: &mut Vec<(PathBuf, PathBuf)>,
-) -> std::io::Result<()> {
-    for e in fs_err::read_dir(dir)? {
-        let e = e?;
-        let p = e.path();
-        let name = e.file_name();
-        if p == skip || SKIP_DIRS.iter().any(|s| name == *s) {
-            continue;
-        }
-        let rel = p.strip_prefix(root).unwrap_or(&p).to_path_buf();
-        let ft = e.file_type()?;
-        if ft.is_dir() {
-            collect(root, &p, skip, out)?;
-        } else {
-            out.push((rel, p));
-        }
-    }
-    Ok(())
+    reasons.into_iter().map(|(_, r)| r).collect()
 }
 
 const CACHE_TAG_PREFIX: &str = "wpimg-cache-";
@@ -242,7 +229,6 @@ impl Cache<'_> {
         let Some(entry) = entry_of(key, &pulled.image) else {
             return Ok(None);
         };
-        let _ = store(self.layout, &entry);
         self.reporter.event(Event::Note {
             message: format!("cache hit in {}", repo.repo_path()),
         });
@@ -293,7 +279,7 @@ fn cache_image(entry: &CacheEntry, platform: &Platform) -> Result<Image, crate::
     })
 }
 
-/// The cache entry a cache image holds.
+/// The cache entry a cache image holds (without inputs: the caller knows them).
 fn entry_of(key: &str, image: &Image) -> Option<CacheEntry> {
     let labels = image.config.config.labels.as_ref()?;
     Some(CacheEntry {
@@ -302,18 +288,63 @@ fn entry_of(key: &str, image: &Image) -> Option<CacheEntry> {
         diff_id: image.config.rootfs.diff_ids.first()?.clone(),
         uncompressed_size: labels.get(CACHE_SIZE_LABEL)?.parse().ok()?,
         created: labels.get(CACHE_CREATED_LABEL)?.parse().ok()?,
+        image: String::new(),
+        step: String::new(),
+        platform: String::new(),
+        salt: String::new(),
+        inputs: Vec::new(),
     })
 }
 
+/// The key of a squashed layer: the layers it merges and how it is written.
+pub fn squash_key(
+    steps: &[super::StepOutcome],
+    layer: &crate::spec::LayerSettings,
+    source_date_epoch: Option<i64>,
+) -> String {
+    let mut h = Sha256::new();
+    h.update(super::key::KEY_VERSION.as_bytes());
+    h.update(b"\0squash");
+    for s in steps {
+        h.update(b"\0");
+        h.update(s.layer.digest.to_string().as_bytes());
+    }
+    let how = serde_json::json!([layer.compression(), layer.level, source_date_epoch]);
+    h.update(how.to_string().as_bytes());
+    hex::encode(h.finalize())
+}
+
+/// The directory of the layout's cache entries.
+pub fn cache_dir(layout: &Layout) -> PathBuf {
+    layout.dir().join("wpimg-cache")
+}
+
 fn entry_path(layout: &Layout, key: &str) -> PathBuf {
-    layout.dir().join("wpimg-cache").join(format!("{key}.json"))
+    cache_dir(layout).join(format!("{key}.json"))
+}
+
+fn newest_path(layout: &Layout, owner: &EntryOwner<'_>) -> PathBuf {
+    let mut h = Sha256::new();
+    for part in [owner.image, owner.step, owner.platform] {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part.as_bytes());
+    }
+    cache_dir(layout)
+        .join("newest")
+        .join(&hex::encode(h.finalize())[..32])
+}
+
+/// Read an entry (even if its layer blob is gone).
+pub fn read_entry(layout: &Layout, key: &str) -> Option<CacheEntry> {
+    let bytes = fs_err::read(entry_path(layout, key)).ok()?;
+    serde_json::from_slice::<CacheEntry>(&bytes)
+        .ok()
+        .filter(|e| e.key == key)
 }
 
 /// Look up a key in the layout; an entry whose layer blob is gone counts as a miss.
 pub fn lookup(layout: &Layout, key: &str) -> Option<CacheEntry> {
-    let bytes = fs_err::read(entry_path(layout, key)).ok()?;
-    let e: CacheEntry = serde_json::from_slice(&bytes).ok()?;
-    (e.key == key && layout.has_blob(&e.layer.digest)).then_some(e)
+    read_entry(layout, key).filter(|e| layout.has_blob(&e.layer.digest))
 }
 
 /// Store an entry in the layout.
@@ -325,105 +356,161 @@ pub fn store(layout: &Layout, e: &CacheEntry) -> std::io::Result<()> {
     write_atomic(&p, &serde_json::to_vec_pretty(e).unwrap_or_default())
 }
 
+/// The newest entry (stored or reused last) of an image's step on a platform.
+pub fn newest(layout: &Layout, owner: &EntryOwner<'_>) -> Option<CacheEntry> {
+    let key = fs_err::read_to_string(newest_path(layout, owner)).ok()?;
+    read_entry(layout, key.trim())
+}
+
+/// Make `key` the newest entry of its step.
+pub fn set_newest(layout: &Layout, owner: &EntryOwner<'_>, key: &str) -> std::io::Result<()> {
+    let p = newest_path(layout, owner);
+    if let Some(d) = p.parent() {
+        fs_err::create_dir_all(d)?;
+    }
+    write_atomic(&p, key.as_bytes())
+}
+
+/// The keys named newest by any step (what `cache prune` keeps).
+pub fn newest_keys(layout: &Layout) -> BTreeSet<String> {
+    let dir = cache_dir(layout).join("newest");
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .map(|k| k.trim().to_string())
+        .collect()
+}
+
+/// Every entry of the layout.
+pub fn entries(layout: &Layout) -> Vec<CacheEntry> {
+    std::fs::read_dir(cache_dir(layout))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+        .filter_map(|e| {
+            let name = e.path().file_stem()?.to_string_lossy().into_owned();
+            read_entry(layout, &name)
+        })
+        .collect()
+}
+
+/// Remove an entry's file (not its blob).
+pub fn remove_entry(layout: &Layout, key: &str) -> std::io::Result<()> {
+    match std::fs::remove_file(entry_path(layout, key)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spec::{load, Overrides};
 
-    fn setup() -> tempfile::TempDir {
-        let d = tempfile::tempdir().unwrap();
-        let w = |p: &str, t: &str| {
-            let p = d.path().join(p);
-            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-            std::fs::write(p, t).unwrap();
+    fn entry(key: &str, layer: Descriptor, inputs: &KeyInputs) -> CacheEntry {
+        let info = crate::layer::LayerInfo {
+            digest: layer.digest.clone(),
+            diff_id: Digest::of_bytes(b"d"),
+            size: layer.size,
+            uncompressed_size: 10,
+            media_type: crate::oci::MEDIA_TYPE_OCI_LAYER_GZIP,
+            entries: 1,
         };
-        w(
-            "image.yaml",
-            "name: app\nbase: r.example/b:1\nvariables: { v: one }\nprovision:\n  playbook: pb/site.yml\n  extra_vars: { v: \"${v}\" }\n",
-        );
-        w("pb/site.yml", "- hosts: all\n  roles: [web]\n");
-        w("pb/roles/web/templates/conf.j2", "listen 80;\n");
-        d
-    }
-
-    fn key_of(d: &Path, ov: &Overrides) -> String {
-        let spec = load(&d.join("image.yaml"), ov).unwrap();
-        let base = Digest::of_bytes(b"base");
-        key(&spec, &base, "linux/amd64", &d.join(".wpimg/oci")).unwrap()
-    }
-
-    #[test]
-    fn any_input_change_misses() {
-        let d = setup();
-        let none = Overrides::default();
-        let k0 = key_of(d.path(), &none);
-        assert_eq!(k0, key_of(d.path(), &none), "key must be stable");
-
-        // wpimg's own output does not count.
-        std::fs::create_dir_all(d.path().join("pb/.wpimg")).unwrap();
-        std::fs::write(d.path().join("pb/.wpimg/x"), "y").unwrap();
-        assert_eq!(k0, key_of(d.path(), &none));
-
-        let var = Overrides {
-            vars: vec![("v".into(), "two".into())],
-            var_files: vec![],
+        let owner = EntryOwner {
+            image: "app",
+            step: "os",
+            platform: "linux/amd64",
         };
-        assert_ne!(k0, key_of(d.path(), &var), "a variable change must miss");
-
-        std::fs::write(
-            d.path().join("pb/roles/web/templates/conf.j2"),
-            "listen 8080;\n",
-        )
-        .unwrap();
-        let k1 = key_of(d.path(), &none);
-        assert_ne!(k0, k1, "a template change must miss");
-
-        std::fs::write(d.path().join("pb/roles/web/vars.yml"), "x: 1\n").unwrap();
-        assert_ne!(k1, key_of(d.path(), &none), "a new vars file must miss");
-    }
-
-    #[test]
-    fn key_does_not_depend_on_the_checkout_location() {
-        let a = setup();
-        let b = setup();
-        let none = Overrides::default();
-        assert_eq!(key_of(a.path(), &none), key_of(b.path(), &none));
+        CacheEntry::new(key, &info, 1_700_000_000, &owner, inputs)
     }
 
     #[test]
     fn cache_images_give_back_their_entry() {
-        let e = CacheEntry {
-            key: "k".into(),
-            layer: Descriptor::new(
-                crate::oci::MEDIA_TYPE_OCI_LAYER_GZIP,
-                Digest::of_bytes(b"l"),
-                1,
-            ),
-            diff_id: Digest::of_bytes(b"d"),
-            uncompressed_size: 10,
-            created: 1_700_000_000,
-        };
+        let layer = Descriptor::new(
+            crate::oci::MEDIA_TYPE_OCI_LAYER_GZIP,
+            Digest::of_bytes(b"l"),
+            1,
+        );
+        let e = entry("k", layer, &KeyInputs::default());
         let img = cache_image(&e, &Platform::parse("linux/arm64/v8").unwrap()).unwrap();
-        assert_eq!(entry_of("k", &img), Some(e));
+        let back = entry_of("k", &img).unwrap();
+        assert_eq!(
+            (back.layer, back.diff_id),
+            (e.layer.clone(), e.diff_id.clone())
+        );
+        assert_eq!((back.uncompressed_size, back.created), (10, 1_700_000_000));
         assert_eq!(img.config.variant.as_deref(), Some("v8"));
         assert!(img.config.history.is_empty());
     }
 
     #[test]
-    fn entries_roundtrip_and_need_their_blob() {
+    fn entries_roundtrip_need_their_blob_and_track_the_newest() {
         let d = tempfile::tempdir().unwrap();
         let l = Layout::open_or_create(d.path()).unwrap();
         let (dg, n) = l.write_blob(b"layer").unwrap();
-        let e = CacheEntry {
-            key: "k".into(),
-            layer: Descriptor::new(crate::oci::MEDIA_TYPE_OCI_LAYER_GZIP, dg.clone(), n),
-            diff_id: dg.clone(),
-            uncompressed_size: n,
-            created: 1,
-        };
+        let e = entry(
+            "k",
+            Descriptor::new(crate::oci::MEDIA_TYPE_OCI_LAYER_GZIP, dg.clone(), n),
+            &KeyInputs::default(),
+        );
         store(&l, &e).unwrap();
-        assert_eq!(lookup(&l, "k"), Some(e));
+        let owner = EntryOwner {
+            image: "app",
+            step: "os",
+            platform: "linux/amd64",
+        };
+        assert_eq!(newest(&l, &owner), None);
+        set_newest(&l, &owner, "k").unwrap();
+        assert_eq!(newest(&l, &owner), Some(e.clone()));
+        assert_eq!(newest_keys(&l), BTreeSet::from(["k".to_string()]));
+        assert_eq!(lookup(&l, "k"), Some(e.clone()));
+        assert_eq!(entries(&l), vec![e]);
         std::fs::remove_file(l.blob_path(&dg)).unwrap();
         assert_eq!(lookup(&l, "k"), None);
+        assert!(read_entry(&l, "k").is_some());
+    }
+
+    #[test]
+    fn misses_name_what_changed_never_values() {
+        let mut before = KeyInputs::default();
+        before.push("base", "sha256:b");
+        before.push("var:db_password", "secret-one");
+        before.push("env:TZ", "UTC");
+        before.push("file:roles/app/templates/x.j2", "mode 644 aaa");
+        before.push("file:roles/app/tasks/main.yml", "mode 644 bbb");
+        let layer = Descriptor::new(
+            crate::oci::MEDIA_TYPE_OCI_LAYER_GZIP,
+            Digest::of_bytes(b"l"),
+            1,
+        );
+        let old = entry(&before.key(), layer, &before);
+        let mut now = KeyInputs::default();
+        now.push("base", "sha256:b");
+        now.push("var:db_password", "secret-two");
+        now.push("env:TZ", "UTC");
+        now.push("file:roles/app/templates/x.j2", "mode 644 ccc");
+        now.push("file:roles/app/files/new.txt", "mode 644 ddd");
+        let reasons = explain(Some(&old), &now.key(), &now);
+        assert_eq!(
+            reasons,
+            [
+                "variable changed: db_password",
+                "file added: roles/app/files/new.txt",
+                "file removed: roles/app/tasks/main.yml",
+                "file changed: roles/app/templates/x.j2",
+            ]
+        );
+        let stored = serde_json::to_string(&old).unwrap();
+        assert!(
+            !stored.contains("secret-one") && !stored.contains("UTC"),
+            "{stored}"
+        );
+        assert_eq!(explain(None, "k", &now), ["no earlier build of this step"]);
+        assert_eq!(
+            explain(Some(&old), &old.key, &before),
+            ["its cached layer is no longer in the layout"]
+        );
     }
 }

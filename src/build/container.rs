@@ -34,6 +34,7 @@ impl BuildContainer {
                 (IMAGE_LABEL.to_string(), image_name.to_string()),
             ]),
             platform,
+            volumes: Vec::new(),
         }
     }
 
@@ -70,6 +71,24 @@ impl BuildContainer {
     pub async fn remove(mut self) -> Result<(), RuntimeError> {
         self.armed = false;
         self.engine.remove(&self.id).await
+    }
+
+    /// Remove the container in the background (the build goes on; it waits at its end).
+    pub fn remove_in_background(mut self, ctx: &super::BuildContext<'_>) {
+        self.armed = false;
+        let (engine, id, name) = (
+            self.engine.clone(),
+            std::mem::take(&mut self.id),
+            self.name.clone(),
+        );
+        let reporter = ctx.reporter.clone();
+        ctx.spawn_background(async move {
+            if let Err(e) = engine.remove(&id).await {
+                reporter.event(crate::events::Event::Warning {
+                    message: format!("could not remove build container {name}: {e}"),
+                });
+            }
+        });
     }
 
     /// Leave the container in place (`--keep-on-error`); returns its name.

@@ -20,6 +20,9 @@ use crate::registry::{BlobStream, Client, StreamWriter};
 use crate::runtime::Engine;
 use crate::spec::ImageSpec;
 
+/// How long a build waits at its end for container removals still running in the background.
+pub const SETTLE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// Options of a build that do not come from image.yaml.
 #[derive(Debug, Clone, Default)]
 pub struct BuildOptions {
@@ -76,6 +79,7 @@ pub struct BuildContext<'a> {
     layout: Layout,
     stages: Stages,
     layer_upload: Mutex<Option<LayerUpload>>,
+    background: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl<'a> BuildContext<'a> {
@@ -98,6 +102,7 @@ impl<'a> BuildContext<'a> {
             cancel: CancellationToken::new(),
             provisioner: Arc::new(AnsiblePlaybook),
             layer_upload: Mutex::new(None),
+            background: Mutex::new(Vec::new()),
         })
     }
 
@@ -173,6 +178,25 @@ impl<'a> BuildContext<'a> {
         drop(writer);
         // On failure the upload task has said why; the push uploads the blob.
         let _ = stream.finish(&layer.digest, layer.size).await;
+    }
+
+    /// Run `task` in the background (container removals); [`BuildContext::settle`] waits for it.
+    pub(crate) fn spawn_background(&self, task: impl Future<Output = ()> + Send + 'static) {
+        let handle = tokio::spawn(task);
+        if let Ok(mut b) = self.background.lock() {
+            b.push(handle);
+        }
+    }
+
+    /// Wait (at most [`SETTLE_DEADLINE`]) for what runs in the background.
+    pub async fn settle(&self) {
+        let tasks: Vec<_> = self
+            .background
+            .lock()
+            .map(|mut b| std::mem::take(&mut *b))
+            .unwrap_or_default();
+        let all = futures_util::future::join_all(tasks);
+        let _ = tokio::time::timeout(SETTLE_DEADLINE, all).await;
     }
 
     /// Give the streamed upload up (the layer came from the cache).

@@ -5,10 +5,12 @@
 //! layout with compressed blobs): reading always goes through `manifest.json` and sniffs the
 //! compression.
 
+use std::collections::HashMap;
 use std::io::{self, Read, Seek, Write};
+use std::path::PathBuf;
 
 use crate::layout::Layout;
-use crate::oci::Image;
+use crate::oci::{Digest, Image};
 use crate::runtime::{ChannelWriter, Engine, RuntimeError};
 
 /// Errors of reading or writing a docker archive.
@@ -28,6 +30,17 @@ pub enum ArchiveError {
     Engine(#[from] RuntimeError),
 }
 
+/// Where the layers of an archive come from, and which the engine already has.
+#[derive(Debug, Clone, Default)]
+pub struct Blobs {
+    /// Layers (by digest) read from a file instead of the layout (uncompressed spools).
+    pub spooled: HashMap<Digest, PathBuf>,
+    /// The engine has the first `present` layers (an image made of them): their files are left
+    /// out. Docker's image store then never opens them (it finds the layer chain); an engine
+    /// that does refuses the archive, and the caller loads the whole image.
+    pub present: usize,
+}
+
 /// Write a docker archive of `image` (config, layer blobs as they are — the engine decompresses
 /// them — and `manifest.json` last), tagged `repo_tags`.
 pub fn write(
@@ -36,15 +49,38 @@ pub fn write(
     repo_tags: &[String],
     out: impl Write,
 ) -> Result<(), ArchiveError> {
+    write_with(layout, &Blobs::default(), image, repo_tags, out)
+}
+
+/// [`write`] with layers from `blobs`.
+pub fn write_with(
+    layout: &Layout,
+    blobs: &Blobs,
+    image: &Image,
+    repo_tags: &[String],
+    out: impl Write,
+) -> Result<(), ArchiveError> {
     let mut b = tar::Builder::new(out);
     let config = &image.manifest.config.digest;
     let cfg_name = format!("{}.json", config.hex());
-    append_blob(&mut b, layout, &cfg_name, config)?;
+    // From the image itself: intermediate step images are not stored in the layout.
+    b.append_data(
+        &mut file_header(image.raw_config.len() as u64),
+        &cfg_name,
+        image.raw_config.as_slice(),
+    )?;
     let mut names = Vec::new();
-    for d in image.layer_digests() {
+    for (i, d) in image.layer_digests().into_iter().enumerate() {
         let n = format!("{}/layer.tar", d.hex());
-        if !names.contains(&n) {
-            append_blob(&mut b, layout, &n, &d)?;
+        if i >= blobs.present && !names.contains(&n) {
+            match blobs.spooled.get(&d) {
+                Some(path) => {
+                    let f = std::fs::File::open(path)?;
+                    let len = f.metadata()?.len();
+                    b.append_data(&mut file_header(len), &n, f)?;
+                }
+                None => append_blob(&mut b, layout, &n, &d)?,
+            }
         }
         names.push(n);
     }
@@ -92,11 +128,43 @@ pub async fn load(
     image: &Image,
     repo_tags: Vec<String>,
 ) -> Result<(), ArchiveError> {
+    load_with(engine, layout, Blobs::default(), image, repo_tags).await
+}
+
+/// [`load`] with layers from `blobs`; when the engine refuses an archive that leaves layers out,
+/// the whole image is loaded.
+pub async fn load_with(
+    engine: &dyn Engine,
+    layout: &Layout,
+    blobs: Blobs,
+    image: &Image,
+    repo_tags: Vec<String>,
+) -> Result<(), ArchiveError> {
+    let partial = blobs.present > 0;
+    match stream_into(engine, layout, blobs.clone(), image, repo_tags.clone()).await {
+        Err(_) if partial => {
+            let all = Blobs {
+                present: 0,
+                ..blobs
+            };
+            stream_into(engine, layout, all, image, repo_tags).await
+        }
+        other => other,
+    }
+}
+
+async fn stream_into(
+    engine: &dyn Engine,
+    layout: &Layout,
+    blobs: Blobs,
+    image: &Image,
+    repo_tags: Vec<String>,
+) -> Result<(), ArchiveError> {
     let (w, stream) = ChannelWriter::pair();
     let (layout, image) = (layout.clone(), image.clone());
     let writer = tokio::task::spawn_blocking(move || {
         let mut w = w;
-        match write(&layout, &image, &repo_tags, &mut w) {
+        match write_with(&layout, &blobs, &image, &repo_tags, &mut w) {
             Ok(()) => Ok(()),
             Err(e) => {
                 w.fail(io::Error::other(e.to_string()));

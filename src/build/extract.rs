@@ -2,6 +2,8 @@
 //! when the engine is local with overlay2 (no copy through the engine), else through the Engine
 //! API (`commit` + `save`, then the top layer of the archive).
 
+use std::path::Path;
+
 use serde::Serialize;
 
 use super::container::BuildContainer;
@@ -38,22 +40,27 @@ pub struct Extraction<'a> {
 }
 
 impl Extraction<'_> {
-    /// Read the (stopped) container's changes into a layer blob.
-    pub async fn layer(
+    /// Read the (stopped) container's changes into an uncompressed canonical layer tar at
+    /// `spool` (compressed later: [`crate::layer::compress_spool`]).
+    pub async fn spool(
         &self,
         container: &BuildContainer,
         opts: LayerOptions,
+        spool: &Path,
     ) -> Result<(LayerInfo, LayerSource), BuildError> {
         match self.upper_dir(container).await? {
             Some(dir) => {
-                let layout = self.layout.clone();
+                let (layout, spool) = (self.layout.clone(), spool.to_path_buf());
                 let info = tokio::task::spawn_blocking(move || {
-                    crate::layer::layer_from_dir(&dir, &layout, &opts)
+                    crate::layer::spool_from_dir(&dir, &spool, &layout, &opts)
                 })
                 .await??;
                 Ok((info, LayerSource::Upperdir))
             }
-            None => Ok((self.via_api(container, opts).await?, LayerSource::Api)),
+            None => Ok((
+                self.via_api(container, opts, spool).await?,
+                LayerSource::Api,
+            )),
         }
     }
 
@@ -89,9 +96,10 @@ impl Extraction<'_> {
         &self,
         container: &BuildContainer,
         opts: LayerOptions,
+        spool: &Path,
     ) -> Result<LayerInfo, BuildError> {
         let image = self.engine.commit(container.id()).await?;
-        let result = self.layer_of_saved(&image, opts).await;
+        let result = self.layer_of_saved(&image, opts, spool).await;
         let _ = self.engine.remove_image(&image).await;
         result
     }
@@ -100,6 +108,7 @@ impl Extraction<'_> {
         &self,
         image: &str,
         opts: LayerOptions,
+        spool: &Path,
     ) -> Result<LayerInfo, BuildError> {
         use futures_util::StreamExt;
         use std::io::Write;
@@ -111,11 +120,11 @@ impl Extraction<'_> {
             tmp.write_all(&chunk?)?;
         }
         tmp.flush()?;
-        let layout = self.layout.clone();
+        let (layout, spool) = (self.layout.clone(), spool.to_path_buf());
         tokio::task::spawn_blocking(move || -> Result<LayerInfo, BuildError> {
             let mut f = tmp.reopen()?;
             let info = docker_archive::with_top_layer(&mut f, |r| {
-                crate::layer::layer_from_tar(r, &layout, &opts)
+                crate::layer::spool_from_tar(r, &spool, &layout, &opts)
             })?;
             Ok(info?)
         })

@@ -1,14 +1,19 @@
-//! The build: pull the base → for each step (cache, or load → provision → layer) → assemble →
-//! tag (→ load). One platform's path is [`build_platform`]; tagging and loading come after it.
+//! The build: pull the base → for each step (cache, or load → provision → layer, compressed in
+//! the background) → (squash) → assemble → tag (→ load). One platform's path is
+//! [`build_platform`]; tagging and loading come after it.
 //!
 //! Returns a [`BuildReport`]; never prints (progress goes through the reporter).
 
 mod assemble;
-mod cache;
+pub mod cache;
 mod container;
 mod context;
 pub mod docker_archive;
 mod extract;
+pub mod key;
+pub mod mounts;
+pub mod prune;
+pub mod reads;
 mod report;
 mod sbom;
 mod stage;
@@ -16,19 +21,21 @@ mod step;
 #[cfg(test)]
 mod tests;
 
-pub use assemble::{apply, assemble};
-pub use cache::{key as cache_key, Cache, CacheEntry};
+pub use assemble::{apply, assemble, assemble_squashed};
+pub use cache::{Cache, CacheEntry};
 pub use container::{BuildContainer, IMAGE_LABEL};
 pub use context::{BuildContext, BuildOptions, LayerUpload};
 pub use extract::{Extraction, LayerPath};
-pub use report::{BuildReport, CacheOutcome, LayerReport, LayerSource, SbomReport, StageTime};
+pub use report::{
+    BuildReport, CacheOutcome, LayerReport, LayerSource, SbomReport, StageTime, StepReport,
+};
 pub use stage::{StageTimer, Stages};
-pub use step::{Step, StepOutcome, StepRun};
+pub use step::{Chain, Step, StepDone, StepOutcome, StepRun, STEP_IMAGE_LABEL};
 
 use std::path::{Path, PathBuf};
 
 use crate::error::{ErrorKind, HasKind};
-use crate::oci::{Image, OciError, Platform};
+use crate::oci::{self, Image, OciError, Platform};
 use crate::provision::ProvisionError;
 use crate::reference::Reference;
 use crate::registry::{PulledImage, RegistryError};
@@ -96,6 +103,16 @@ pub enum BuildError {
     /// Interrupted by a signal.
     #[error("interrupted; build container removed")]
     Interrupted,
+    /// Another build holds a cache mount for too long.
+    #[error("cache mount {path} is locked by another build ({holder}) for longer than {} minutes; if that build is gone, remove the lock: docker rm -f {lock}", mounts::LOCK_DEADLINE.as_secs() / 60)]
+    CacheMountBusy {
+        /// The mounted path.
+        path: String,
+        /// Who holds the lock.
+        holder: String,
+        /// The lock container.
+        lock: String,
+    },
     /// A worker thread failed.
     #[error("a worker thread failed")]
     Task(#[from] tokio::task::JoinError),
@@ -129,11 +146,23 @@ pub struct PlatformBuild {
     pub image: Image,
     /// Its SBOM, stored in the layout (absent with `sbom: false`).
     pub sbom: Option<SbomReport>,
+    /// Whether the steps' layers were squashed into one.
+    pub squashed: bool,
+    /// The image the last step ran in (when there were several steps), which the engine may
+    /// have: `--load` leaves its layers out.
+    pub last_parent: Option<Image>,
 }
 
 /// Run a whole build: the image for the spec's platform, tagged `NAME:TAG` in the layout, and
-/// loaded into the engine with `--load`.
+/// loaded into the engine with `--load`. Waits at its end for the build containers still being
+/// removed in the background.
 pub async fn build(ctx: &BuildContext<'_>) -> Result<BuildReport, BuildError> {
+    let result = build_tagged(ctx).await;
+    ctx.settle().await;
+    result
+}
+
+async fn build_tagged(ctx: &BuildContext<'_>) -> Result<BuildReport, BuildError> {
     let platform = ctx
         .spec
         .platform
@@ -147,7 +176,7 @@ pub async fn build(ctx: &BuildContext<'_>) -> Result<BuildReport, BuildError> {
     let loaded = match ctx.options.load {
         true => {
             let tags = vec![reference.clone()];
-            let load = docker_archive::load(ctx.engine.as_ref(), ctx.layout(), &built.image, tags);
+            let load = load_result(ctx, &built, tags);
             ctx.stage("load", load).await?;
             Some(reference.clone())
         }
@@ -156,39 +185,85 @@ pub async fn build(ctx: &BuildContext<'_>) -> Result<BuildReport, BuildError> {
     Ok(report(ctx, built, reference, loaded))
 }
 
+/// `--load`: the result into the engine, without the layers it has from the last step's parent.
+async fn load_result(
+    ctx: &BuildContext<'_>,
+    built: &PlatformBuild,
+    tags: Vec<String>,
+) -> Result<(), BuildError> {
+    let engine = ctx.engine.as_ref();
+    let present = match &built.last_parent {
+        Some(p) if !built.squashed && engine.image_exists(&p.config_id()).await? => {
+            p.manifest.layers.len()
+        }
+        _ => 0,
+    };
+    let blobs = docker_archive::Blobs {
+        present,
+        ..Default::default()
+    };
+    docker_archive::load_with(engine, ctx.layout(), blobs, &built.image, tags).await?;
+    Ok(())
+}
+
 /// The whole path for one platform: pull the base, run each step on the result of the one
-/// before, assemble. The result is stored in the layout; tagging, loading and pushing come
-/// after.
+/// before (a step's layer is compressed while the next one runs), squash with
+/// `layer.squash`, assemble. The result is stored in the layout; tagging, loading and pushing
+/// come after.
 pub async fn build_platform(
     ctx: &BuildContext<'_>,
     platform: &Platform,
     engine: &EngineInfo,
 ) -> Result<PlatformBuild, BuildError> {
     let base = ctx.stage("pull", pull_base(ctx, platform)).await?;
+    let squash = ctx.spec.layer_settings().squashed();
     let steps = Step::all(ctx.spec);
-    let mut outcomes: Vec<StepOutcome> = Vec::with_capacity(steps.len());
-    let mut parent = base.image.clone();
-    for (i, step) in steps.iter().enumerate() {
+    let mut chain = Chain::new(&base.image);
+    let mut done: Vec<StepDone> = Vec::with_capacity(steps.len());
+    let mut failed = None;
+    for step in &steps {
         let run = StepRun {
             ctx,
             step,
-            parent: &parent,
+            chain: &chain,
+            base: base.image.digest(),
+            parent_key: done.last().map(|d| d.outcome.cache_key.as_str()),
             platform,
             engine,
+            may_stream: !squash,
         };
-        let outcome = run.run().await?;
-        if i + 1 < steps.len() {
-            parent = parent
-                .append(&[outcome.addendum()], outcome.created, |_| {})
-                .map_err(|source| base_error(ctx, source))?;
-            ctx.layout().write_image(&parent)?;
+        match run.run().await {
+            Ok(d) => {
+                chain
+                    .push(ctx, &d)
+                    .map_err(|source| base_error(ctx, source))?;
+                done.push(d);
+            }
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
         }
-        outcomes.push(outcome);
     }
+    let last_parent = chain.parent_of_top().cloned();
+    let outcomes = finish_steps(ctx, done, platform, failed).await?;
+    drop(chain);
+    let squashed = match squash && outcomes.len() > 1 {
+        true => Some(
+            ctx.stage("squash", squash_layers(ctx, &outcomes, platform))
+                .await?,
+        ),
+        false => None,
+    };
+    ctx.abort_layer_upload();
     let image = ctx
         .stage("assemble", async {
-            let image = assemble(&base.image, &outcomes, &ctx.spec.image_settings())
-                .map_err(|source| base_error(ctx, source))?;
+            let settings = ctx.spec.image_settings();
+            let image = match &squashed {
+                Some(layer) => assemble_squashed(&base.image, &outcomes, layer, &settings),
+                None => assemble(&base.image, &outcomes, &settings),
+            }
+            .map_err(|source| base_error(ctx, source))?;
             ctx.layout().write_image(&image)?;
             Ok::<_, BuildError>(image)
         })
@@ -202,6 +277,95 @@ pub async fn build_platform(
         steps: outcomes,
         image,
         sbom,
+        squashed: squashed.is_some(),
+        last_parent,
+    })
+}
+
+/// Wait for the layers still being compressed and store them in the cache — also when a later
+/// step failed (a failed step itself is never stored), not when the build was interrupted.
+async fn finish_steps(
+    ctx: &BuildContext<'_>,
+    done: Vec<StepDone>,
+    platform: &Platform,
+    failed: Option<BuildError>,
+) -> Result<Vec<StepOutcome>, BuildError> {
+    if let Some(e @ BuildError::Interrupted) = failed {
+        done.into_iter().for_each(StepDone::abandon);
+        return Err(e);
+    }
+    let waiting = ctx.stages().start("compress");
+    let mut outcomes = Vec::with_capacity(done.len());
+    let mut first_error = None;
+    for d in done {
+        match ctx
+            .cancellable(d.finish(ctx, platform))
+            .await
+            .and_then(|r| r)
+        {
+            Ok(o) => outcomes.push(o),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    match (failed, first_error) {
+        (Some(e), _) | (None, Some(e)) => Err(e),
+        (None, None) => {
+            waiting.finish();
+            Ok(outcomes)
+        }
+    }
+}
+
+/// The steps' layers merged into one (`layer.squash`), cached by the layers it merges.
+async fn squash_layers(
+    ctx: &BuildContext<'_>,
+    outcomes: &[StepOutcome],
+    platform: &Platform,
+) -> Result<oci::Addendum, BuildError> {
+    let layer = ctx.spec.layer_settings();
+    let sde = oci::source_date_epoch();
+    let key = cache::squash_key(outcomes, &layer, sde);
+    let history = outcomes.last().map(|o| o.history.clone());
+    if let Some(e) = cache::lookup(ctx.layout(), &key) {
+        return Ok(oci::Addendum {
+            layer: e.layer,
+            diff_id: e.diff_id,
+            history,
+        });
+    }
+    let writer = ctx.take_layer_writer();
+    let streams = writer.is_some();
+    let opts = crate::layer::LayerOptions {
+        compression: layer.compression(),
+        level: layer.level,
+        excludes: Vec::new(),
+        source_date_epoch: sde,
+        threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        tee: writer.map(crate::layer::Tee::new).unwrap_or_default(),
+    };
+    let layers: Vec<_> = outcomes.iter().map(|o| o.layer.clone()).collect();
+    let layout = ctx.layout().clone();
+    let info = tokio::task::spawn_blocking(move || crate::layer::squash(&layers, &layout, &opts))
+        .await??;
+    if streams {
+        ctx.finish_layer_upload(&info.descriptor()).await;
+    }
+    let created = outcomes.last().map_or(0, |o| o.created);
+    let name = platform.to_string();
+    let owner = cache::EntryOwner {
+        image: &ctx.spec.name,
+        step: "squash",
+        platform: &name,
+    };
+    let entry = CacheEntry::new(&key, &info, created, &owner, &key::KeyInputs::default());
+    cache::store(ctx.layout(), &entry)?;
+    cache::set_newest(ctx.layout(), &owner, &key)?;
+    Ok(oci::Addendum {
+        layer: info.descriptor(),
+        diff_id: info.diff_id,
+        history,
     })
 }
 
@@ -254,7 +418,8 @@ fn report(
         })
         .collect();
     let last = built.steps.last();
-    let all_hit = built.steps.iter().all(|s| s.cache == CacheOutcome::Hit);
+    let steps: Vec<StepReport> = built.steps.iter().map(StepReport::of).collect();
+    let top_diff_id = built.image.config.rootfs.diff_ids.last().cloned();
     BuildReport {
         name: ctx.spec.name.clone(),
         reference,
@@ -265,21 +430,17 @@ fn report(
         layers,
         config_digest: built.image.manifest.config.digest.clone(),
         manifest: built.image.descriptor.clone(),
-        diff_id: last
-            .map(|s| s.diff_id.clone())
-            .unwrap_or_else(|| crate::oci::Digest::of_bytes(b"")),
+        diff_id: top_diff_id.unwrap_or_else(|| crate::oci::Digest::of_bytes(b"")),
         layer_uncompressed_size: last.map_or(0, |s| s.uncompressed_size),
         layer_path: last.map_or(LayerSource::Cache, |s| s.source),
-        cache: if all_hit {
-            CacheOutcome::Hit
-        } else {
-            CacheOutcome::Miss
-        },
+        cache: CacheOutcome::of(&built.steps),
         cache_key: last.map(|s| s.cache_key.clone()).unwrap_or_default(),
         stages: ctx.stages().times(),
         container: last.and_then(|s| s.container.clone()).unwrap_or_default(),
         loaded,
         sbom: built.sbom,
+        steps,
+        squashed: built.squashed,
     }
 }
 

@@ -15,7 +15,7 @@ pub struct StageTime {
     pub seconds: f64,
 }
 
-/// Whether a step's layer came from the build cache.
+/// Whether a step's layer came from the build cache (for a build: all, none, or some).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CacheOutcome {
@@ -23,6 +23,23 @@ pub enum CacheOutcome {
     Hit,
     /// Produced by running the step.
     Miss,
+    /// A build: some steps hit, some missed.
+    Partial,
+}
+
+impl CacheOutcome {
+    /// A build's outcome from its steps'.
+    pub fn of(steps: &[super::StepOutcome]) -> Self {
+        let hits = steps
+            .iter()
+            .filter(|s| s.cache == CacheOutcome::Hit)
+            .count();
+        match hits {
+            n if n == steps.len() => CacheOutcome::Hit,
+            0 => CacheOutcome::Miss,
+            _ => CacheOutcome::Partial,
+        }
+    }
 }
 
 impl std::fmt::Display for CacheOutcome {
@@ -30,7 +47,33 @@ impl std::fmt::Display for CacheOutcome {
         f.write_str(match self {
             CacheOutcome::Hit => "hit",
             CacheOutcome::Miss => "miss",
+            CacheOutcome::Partial => "partial",
         })
+    }
+}
+
+/// What one step did (the result's `steps` list and the build manifest's).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StepReport {
+    /// The step's name.
+    pub name: String,
+    /// `hit` or `miss`.
+    pub cache: CacheOutcome,
+    /// The step's layer (compressed digest).
+    pub layer: Digest,
+    /// Wall time of the step in seconds.
+    pub seconds: f64,
+}
+
+impl StepReport {
+    /// The report of a step's outcome.
+    pub fn of(o: &super::StepOutcome) -> Self {
+        Self {
+            name: o.name.clone(),
+            cache: o.cache,
+            layer: o.layer.digest.clone(),
+            seconds: (o.seconds * 1000.0).round() / 1000.0,
+        }
     }
 }
 
@@ -94,7 +137,7 @@ pub struct BuildReport {
     pub layer_uncompressed_size: u64,
     /// How the layer was read.
     pub layer_path: LayerSource,
-    /// Cache outcome.
+    /// Cache outcome: `hit` (every step), `miss` (none) or `partial`.
     pub cache: CacheOutcome,
     /// The cache key.
     pub cache_key: String,
@@ -108,6 +151,10 @@ pub struct BuildReport {
     pub loaded: Option<String>,
     /// The SBOM stored in the layout (absent with `sbom: false`).
     pub sbom: Option<SbomReport>,
+    /// What each step did, in order.
+    pub steps: Vec<StepReport>,
+    /// Whether the steps' layers were squashed into one (`layer.squash`).
+    pub squashed: bool,
 }
 
 /// The SBOM of a built image, stored in the layout.

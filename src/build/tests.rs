@@ -140,14 +140,20 @@ impl Fixture {
         info: &EngineInfo,
     ) -> Result<StepOutcome, BuildError> {
         let step = Step::all(&self.spec).remove(0);
+        let chain = Chain::new(&self.base);
         let run = StepRun {
             ctx,
             step: &step,
-            parent: &self.base,
+            chain: &chain,
+            base: self.base.digest(),
+            parent_key: None,
             platform: &Platform::host(),
             engine: info,
+            may_stream: true,
         };
-        run.run().await
+        let outcome = run.run().await?.finish(ctx, &Platform::host()).await;
+        ctx.settle().await;
+        outcome
     }
 }
 

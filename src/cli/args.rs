@@ -67,6 +67,8 @@ pub enum Command {
     Sbom(SbomCmd),
     /// Check that an image in a registry has a valid cosign signature by a key.
     Verify(VerifyCmd),
+    /// Manage the build cache (`wpimg cache prune`).
+    Cache(CacheCmd),
     /// Print the JSON Schema of image.yaml (for editors' YAML language servers).
     Schema,
     /// Print shell completions.
@@ -74,6 +76,34 @@ pub enum Command {
         /// The shell.
         shell: clap_complete::Shell,
     },
+}
+
+/// `wpimg cache` subcommands.
+#[derive(Debug, Args)]
+pub struct CacheCmd {
+    /// What to do.
+    #[command(subcommand)]
+    pub action: CacheAction,
+}
+
+/// What `wpimg cache` does.
+#[derive(Debug, Subcommand)]
+pub enum CacheAction {
+    /// Remove the layout's stale cache entries (all but the newest of each step) with the
+    /// layers only they used, the image's cache mount volumes and the step images the engine
+    /// keeps for it; say how much that freed.
+    Prune(PruneArgs),
+}
+
+/// `wpimg cache prune` arguments.
+#[derive(Debug, Args)]
+pub struct PruneArgs {
+    /// The image.yaml (its name and default layout).
+    #[arg(default_value = "image.yaml")]
+    pub image_yaml: PathBuf,
+    /// Every cache entry of the layout, and the cache volumes and step images of every image.
+    #[arg(long)]
+    pub all: bool,
 }
 
 /// `wpimg validate` arguments.

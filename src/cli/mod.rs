@@ -3,6 +3,7 @@
 
 pub mod args;
 mod build;
+mod cache;
 mod inspect;
 pub mod output;
 mod push;
@@ -15,8 +16,8 @@ mod verify;
 use std::sync::Arc;
 
 pub use args::{
-    BuildArgs, Cli, Command, GlobalArgs, InspectCmd, LoginArgs, PushArgs, PushCmd, SbomCmd,
-    ValidateArgs, VerifyCmd,
+    BuildArgs, CacheAction, CacheCmd, Cli, Command, GlobalArgs, InspectCmd, LoginArgs, PruneArgs,
+    PushArgs, PushCmd, SbomCmd, ValidateArgs, VerifyCmd,
 };
 pub use output::Output;
 
@@ -80,6 +81,9 @@ async fn dispatch(cli: &Cli, out: &Arc<Output>) -> anyhow::Result<()> {
         Command::Inspect(i) => inspect::run(g, i, out).await,
         Command::Sbom(c) => sbom::run(g, c, out).await,
         Command::Verify(v) => verify::run(g, v, out).await,
+        Command::Cache(c) => match &c.action {
+            CacheAction::Prune(p) => cache::prune(g, p, out).await,
+        },
         Command::Schema => schema::run(),
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();

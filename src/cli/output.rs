@@ -172,6 +172,13 @@ impl Reporter for Output {
                         .unwrap_or_default()
                 ));
             }
+            Event::StepStart { step } => self.say(&self.bold(&format!("==> step {step}"))),
+            Event::CacheMiss { step, reasons } => {
+                self.say(&format!("    step {step}: cache miss"));
+                for r in reasons {
+                    self.say(&format!("      {r}"));
+                }
+            }
             Event::Note { message } => {
                 if self.verbose {
                     self.say(&format!("    {message}"))
@@ -193,6 +200,17 @@ pub fn build_summary(out: &Output, r: &crate::build::BuildReport) {
         r.layer_path,
         r.cache
     ));
+    if r.steps.len() > 1 || r.squashed {
+        for s in &r.steps {
+            out.say(&format!(
+                "  step {:<12} {:<4} {} {:.1}s",
+                s.name,
+                s.cache.to_string(),
+                short(&s.layer.to_string()),
+                s.seconds
+            ));
+        }
+    }
     let times: Vec<String> = r
         .stages
         .iter()

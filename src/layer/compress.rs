@@ -33,6 +33,43 @@ pub(crate) struct LayerSink {
 enum Encoder {
     Gzip(ParGz<Out>),
     Zstd(zstd::stream::write::Encoder<'static, Out>),
+    /// Uncompressed, into a spool file.
+    Plain(io::BufWriter<std::fs::File>),
+}
+
+/// Where a canonical tar goes: compressed into a layout blob, or uncompressed into a spool
+/// file (compressed later with [`super::compress_spool`]).
+pub(crate) enum Dest<'a> {
+    /// A compressed blob of `layout`.
+    Blob {
+        /// The layout.
+        layout: &'a Layout,
+        /// Compression and tee.
+        opts: &'a LayerOptions,
+    },
+    /// An uncompressed tar file (created or truncated).
+    Spool(&'a std::path::Path),
+}
+
+impl Dest<'_> {
+    /// A new sink (a restart truncates a spool and abandons a blob).
+    pub(crate) fn sink(&self) -> Result<LayerSink, LayerError> {
+        match self {
+            Dest::Blob { layout, opts } => LayerSink::new(layout, opts),
+            Dest::Spool(path) => {
+                let werr = |source| LayerError::Write {
+                    dir: path.to_path_buf(),
+                    source,
+                };
+                let f = std::fs::File::create(path).map_err(werr)?;
+                Ok(LayerSink {
+                    w: HashingWriter::new(Encoder::Plain(io::BufWriter::with_capacity(1 << 20, f))),
+                    media_type: crate::oci::MEDIA_TYPE_OCI_LAYER_TAR,
+                    dir: path.to_path_buf(),
+                })
+            }
+        }
+    }
 }
 
 /// The compressed bytes' destinations: the layout blob and, optionally, a tee.
@@ -61,12 +98,14 @@ impl Write for Encoder {
         match self {
             Encoder::Gzip(g) => g.write(buf),
             Encoder::Zstd(z) => z.write(buf),
+            Encoder::Plain(p) => p.write(buf),
         }
     }
     fn flush(&mut self) -> io::Result<()> {
         match self {
             Encoder::Gzip(g) => g.flush(),
             Encoder::Zstd(z) => z.flush(),
+            Encoder::Plain(p) => p.flush(),
         }
     }
 }
@@ -108,11 +147,27 @@ impl LayerSink {
     pub(crate) fn finish(self, entries: u64) -> Result<LayerInfo, LayerError> {
         let dir = self.dir;
         let (enc, diff_id, uncompressed_size) = self.w.finish();
-        let Out { blob, tee } = match enc {
+        let werr = |source| LayerError::Write {
+            dir: dir.clone(),
+            source,
+        };
+        let out = match enc {
             Encoder::Gzip(g) => g.finish(),
             Encoder::Zstd(z) => z.finish(),
-        }
-        .map_err(|source| LayerError::Write { dir, source })?;
+            Encoder::Plain(mut p) => {
+                p.flush().map_err(werr)?;
+                p.get_ref().sync_data().map_err(werr)?;
+                return Ok(LayerInfo {
+                    digest: diff_id.clone(),
+                    diff_id,
+                    size: uncompressed_size,
+                    uncompressed_size,
+                    media_type: self.media_type,
+                    entries,
+                });
+            }
+        };
+        let Out { blob, tee } = out.map_err(werr)?;
         drop(tee);
         let (digest, size) = blob.commit(None, None)?;
         Ok(LayerInfo {

@@ -10,7 +10,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 
 use super::canon::{Entry, Kind, TarWriter, OPAQUE, WH};
-use super::compress::LayerSink;
+use super::compress::Dest;
 use super::exclude::Excluder;
 use super::tarin::out_err;
 use super::{LayerError, LayerInfo, LayerOptions};
@@ -20,6 +20,7 @@ pub(crate) fn from_dir(
     upper: &Path,
     layout: &Layout,
     opts: &LayerOptions,
+    dest: &Dest<'_>,
 ) -> Result<LayerInfo, LayerError> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -38,7 +39,7 @@ pub(crate) fn from_dir(
         });
     }
     let x = Excluder::new(&opts.excludes)?;
-    let mut sink = LayerSink::new(layout, opts)?;
+    let mut sink = dest.sink()?;
     let entries = {
         let mut walk = Walk {
             w: TarWriter::new(sink.writer()),

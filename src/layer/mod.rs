@@ -23,6 +23,7 @@ mod canon;
 mod compress;
 mod dir;
 mod exclude;
+mod squash;
 mod tarin;
 
 use std::io::{self, Read, Write};
@@ -34,7 +35,9 @@ use serde::{Deserialize, Serialize};
 use crate::layout::{Layout, LayoutError};
 use crate::oci::{Descriptor, Digest, MEDIA_TYPE_OCI_LAYER_GZIP, MEDIA_TYPE_OCI_LAYER_ZSTD};
 
+use compress::Dest;
 pub use exclude::{check_exclude, validate_excludes, ExcludeError, BUILTIN_EXCLUDES};
+pub use squash::squash;
 
 /// Xattr name prefixes never written into a layer (overlayfs bookkeeping, host SELinux labels).
 pub const DROPPED_XATTR_PREFIXES: &[&str] =
@@ -257,7 +260,7 @@ pub fn layer_from_tar(
     layout: &Layout,
     opts: &LayerOptions,
 ) -> Result<LayerInfo, LayerError> {
-    tarin::from_stream(r, layout, opts)
+    tarin::from_stream(r, layout, opts, &Dest::Blob { layout, opts })
 }
 
 /// Build a layer from an uncompressed layer tar file; it is read in place (headers first, then
@@ -267,7 +270,7 @@ pub fn layer_from_tar_file(
     layout: &Layout,
     opts: &LayerOptions,
 ) -> Result<LayerInfo, LayerError> {
-    tarin::from_file(path, layout, opts)
+    tarin::from_file(path, layout, opts, &Dest::Blob { layout, opts })
 }
 
 /// Build a layer from an overlayfs upper directory (Docker overlay2's `GraphDriver.Data.UpperDir`
@@ -277,5 +280,74 @@ pub fn layer_from_dir(
     layout: &Layout,
     opts: &LayerOptions,
 ) -> Result<LayerInfo, LayerError> {
-    dir::from_dir(upper, layout, opts)
+    dir::from_dir(upper, layout, opts, &Dest::Blob { layout, opts })
+}
+
+/// Like [`layer_from_dir`], but the canonical tar is written uncompressed to `spool` (created
+/// or truncated); the result describes that tar (its digest is the diff_id). Compress it later
+/// with [`compress_spool`]. `layout` holds temporary files.
+pub fn spool_from_dir(
+    upper: &Path,
+    spool: &Path,
+    layout: &Layout,
+    opts: &LayerOptions,
+) -> Result<LayerInfo, LayerError> {
+    dir::from_dir(upper, layout, opts, &Dest::Spool(spool))
+}
+
+/// Like [`layer_from_tar`], but into an uncompressed spool file (see [`spool_from_dir`]).
+pub fn spool_from_tar(
+    r: impl Read,
+    spool: &Path,
+    layout: &Layout,
+    opts: &LayerOptions,
+) -> Result<LayerInfo, LayerError> {
+    tarin::from_stream(r, layout, opts, &Dest::Spool(spool))
+}
+
+/// Compress a spooled canonical tar (from [`spool_from_dir`]/[`spool_from_tar`], described by
+/// `spooled`) into a layout blob. Stops with an `Interrupted` error when `cancel` is set.
+pub fn compress_spool(
+    spool: &Path,
+    spooled: &LayerInfo,
+    layout: &Layout,
+    opts: &LayerOptions,
+    cancel: &std::sync::atomic::AtomicBool,
+) -> Result<LayerInfo, LayerError> {
+    let rerr = |source| LayerError::Read {
+        path: spool.to_path_buf(),
+        source,
+    };
+    let mut f = std::fs::File::open(spool).map_err(rerr)?;
+    let mut sink = Dest::Blob { layout, opts }.sink()?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        if cancel.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(LayerError::Read {
+                path: spool.to_path_buf(),
+                source: io::Error::new(io::ErrorKind::Interrupted, "compression cancelled"),
+            });
+        }
+        let n = f.read(&mut buf).map_err(rerr)?;
+        if n == 0 {
+            break;
+        }
+        sink.writer()
+            .write_all(&buf[..n])
+            .map_err(|source| LayerError::Write {
+                dir: layout.dir().to_path_buf(),
+                source,
+            })?;
+    }
+    let info = sink.finish(spooled.entries)?;
+    if info.diff_id != spooled.diff_id {
+        return Err(LayerError::Unsupported {
+            path: spool.to_path_buf(),
+            what: format!(
+                "spool changed while it was compressed ({} then {})",
+                spooled.diff_id, info.diff_id
+            ),
+        });
+    }
+    Ok(info)
 }

@@ -10,12 +10,12 @@ use std::path::{Path, PathBuf};
 use super::canon::{
     cmp_paths, normalize_path, AppendError, Entry, Kind, TarWriter, OPAQUE, WH, WH_META,
 };
-use super::compress::LayerSink;
+use super::compress::Dest;
 use super::exclude::Excluder;
 use super::{LayerError, LayerInfo, LayerOptions};
 use crate::layout::Layout;
 
-fn tar_err(entry: &[u8], source: io::Error) -> LayerError {
+pub(crate) fn tar_err(entry: &[u8], source: io::Error) -> LayerError {
     LayerError::Tar {
         entry: String::from_utf8_lossy(entry).into_owned(),
         source,
@@ -30,7 +30,7 @@ fn unsupported(entry: &[u8], what: impl Into<String>) -> LayerError {
 }
 
 /// Turn a tar entry into a canonical entry (`None`: not part of the layer's content).
-fn parse<R: Read>(
+pub(crate) fn parse<R: Read>(
     e: &mut tar::Entry<'_, R>,
     sde: Option<i64>,
 ) -> Result<Option<Entry>, LayerError> {
@@ -175,6 +175,7 @@ pub(crate) fn from_stream(
     r: impl Read,
     layout: &Layout,
     opts: &LayerOptions,
+    dest: &Dest<'_>,
 ) -> Result<LayerInfo, LayerError> {
     let x = Excluder::new(&opts.excludes)?;
     let ingest = layout.dir().join("ingest");
@@ -188,7 +189,7 @@ pub(crate) fn from_stream(
         r,
         spool: BufWriter::with_capacity(1 << 20, spool),
     });
-    let mut sink = LayerSink::new(layout, opts)?;
+    let mut sink = dest.sink()?;
     let mut in_order = true;
     let entries = {
         let mut w = TarWriter::new(sink.writer());
@@ -229,20 +230,28 @@ pub(crate) fn from_stream(
     io::copy(&mut tee, &mut io::sink()).map_err(|e| tar_err(b"", e))?;
     let mut spool = tee.spool.into_inner().map_err(|e| werr(e.into_error()))?;
     spool.seek(SeekFrom::Start(0)).map_err(werr)?;
-    from_seekable(&mut spool, Path::new("<layer tar spool>"), layout, opts, &x)
+    from_seekable(
+        &mut spool,
+        Path::new("<layer tar spool>"),
+        layout,
+        opts,
+        &x,
+        dest,
+    )
 }
 
 pub(crate) fn from_file(
     path: &Path,
     layout: &Layout,
     opts: &LayerOptions,
+    dest: &Dest<'_>,
 ) -> Result<LayerInfo, LayerError> {
     let x = Excluder::new(&opts.excludes)?;
     let mut f = File::open(path).map_err(|source| LayerError::Read {
         path: path.to_path_buf(),
         source,
     })?;
-    from_seekable(&mut f, path, layout, opts, &x)
+    from_seekable(&mut f, path, layout, opts, &x, dest)
 }
 
 struct Indexed {
@@ -258,6 +267,7 @@ pub(crate) fn from_seekable<R: Read + Seek>(
     layout: &Layout,
     opts: &LayerOptions,
     x: &Excluder,
+    dest: &Dest<'_>,
 ) -> Result<LayerInfo, LayerError> {
     let rerr = |source| LayerError::Read {
         path: path.to_path_buf(),
@@ -342,7 +352,7 @@ pub(crate) fn from_seekable<R: Read + Seek>(
     }
 
     // Pass 2: emit in order.
-    let mut sink = LayerSink::new(layout, opts)?;
+    let mut sink = dest.sink()?;
     let entries = {
         let mut w = TarWriter::new(sink.writer());
         for it in all.iter().filter(|it| !it.excluded) {

@@ -8,7 +8,7 @@
 
 mod de;
 mod sbom;
-mod tree;
+pub(crate) mod tree;
 mod validate;
 mod vars;
 
@@ -210,24 +210,51 @@ pub struct SpecSource {
     pub secret: BTreeSet<KeyPath>,
 }
 
-/// `provision:` section.
+/// `provision:` section: one playbook (`playbook` and its keys: one step named `provision`), or
+/// `steps`, each a playbook run in a container of the previous step's result.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Provision {
+    /// Required unless `steps` is given: the playbook, relative to image.yaml.
+    pub playbook: Option<PathBuf>,
+    /// Optional (with `playbook`): extra vars, passed as JSON through a private file.
+    pub extra_vars: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Optional (with `playbook`): extra ansible-playbook arguments.
+    pub ansible_args: Option<Vec<String>>,
+    /// Optional: environment for ansible-playbook (every step; a step's `env` is merged over it).
+    pub env: Option<BTreeMap<String, String>>,
+    /// Optional: connection plugin for every step: community.docker.docker_api (default),
+    /// community.docker.docker or docker.
+    pub connection: Option<String>,
+    /// Optional: Ansible pipelining for every step (default true).
+    #[schemars(schema_with = "schema::bool_or_variable")]
+    pub pipelining: Option<bool>,
+    /// Optional: absolute paths kept between builds in wpimg-owned Docker volumes, mounted in
+    /// every step's container; never in a layer or a cache key (the play sees them as
+    /// `wpimg_cache_mounts`).
+    pub cache_mounts: Option<Vec<String>>,
+    /// Optional (with `playbook`): more files the playbook reads (globs relative to image.yaml).
+    pub inputs: Option<Vec<String>>,
+    /// Required unless `playbook` is given: the steps, in order; each yields one layer.
+    pub steps: Option<Vec<StepSpec>>,
+}
+
+/// One provisioning step (`provision.steps[]`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StepSpec {
+    /// Required: the step's name ([a-z0-9-]+, unique).
+    pub name: String,
     /// Required: the playbook, relative to image.yaml.
     pub playbook: PathBuf,
     /// Optional: extra vars, passed as JSON through a private file.
     pub extra_vars: Option<serde_json::Map<String, serde_json::Value>>,
     /// Optional: extra ansible-playbook arguments.
     pub ansible_args: Option<Vec<String>>,
-    /// Optional: environment for ansible-playbook.
+    /// Optional: environment for ansible-playbook, merged over `provision.env`.
     pub env: Option<BTreeMap<String, String>>,
-    /// Optional: connection plugin: community.docker.docker_api (default),
-    /// community.docker.docker or docker.
-    pub connection: Option<String>,
-    /// Optional: Ansible pipelining (default true).
-    #[schemars(schema_with = "schema::bool_or_variable")]
-    pub pipelining: Option<bool>,
+    /// Optional: more files this step reads (globs relative to image.yaml).
+    pub inputs: Option<Vec<String>>,
 }
 
 /// `image:` section; unset fields inherit from the base.
@@ -315,6 +342,9 @@ pub struct LayerSettings {
     /// Optional: compression level: gzip 0-9 (default 6), zstd 1-22 (default 3).
     #[schemars(schema_with = "schema::integer_or_variable")]
     pub level: Option<i32>,
+    /// Optional: true merges the steps' new layers into one (same filesystem; default false).
+    #[schemars(schema_with = "schema::bool_or_variable")]
+    pub squash: Option<bool>,
 }
 
 impl LayerSettings {
@@ -326,6 +356,11 @@ impl LayerSettings {
     /// The exclude globs.
     pub fn excludes(&self) -> Vec<String> {
         self.exclude.clone().unwrap_or_default()
+    }
+
+    /// Whether the steps' layers are merged into one.
+    pub fn squashed(&self) -> bool {
+        self.squash == Some(true)
     }
 }
 

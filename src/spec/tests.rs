@@ -25,7 +25,8 @@ fn minimal_spec_loads_with_defaults() {
     assert_eq!(s.local_ref(), "app:latest");
     assert_eq!(s.layer_settings().compression(), Compression::Gzip);
     assert!(s.target.is_none());
-    assert!(s.provision.playbook.is_absolute() || s.provision.playbook.ends_with("pb.yml"));
+    let pb = s.provision.playbook.unwrap();
+    assert!(pb.is_absolute() || pb.ends_with("pb.yml"));
 }
 
 #[test]
@@ -348,4 +349,59 @@ fn ecr_tag_immutability_with_exclusions() {
         .unwrap_err()
         .to_string()
         .contains("IMMUTABLE_WITH_EXCLUSION"));
+}
+
+const STEPS: &str = "name: app\nbase: 127.0.0.1:5000/debian:bookworm\nprovision:\n  env: { A: \"1\" }\n  cache_mounts: [/var/cache/apt/archives/, /var/lib/apt/lists]\n  steps:\n    - name: os\n      playbook: pb.yml\n      inputs: [\"files/**\"]\n    - name: app-2\n      playbook: pb.yml\n      env: { B: \"2\" }\nlayer:\n  squash: true\n";
+
+#[test]
+fn steps_load_with_their_settings() {
+    let (_d, r) = load_str(STEPS);
+    let s = r.unwrap();
+    let steps = s.provision.steps.as_ref().unwrap();
+    assert_eq!(steps.len(), 2);
+    assert!(steps[0].playbook.ends_with("pb.yml") && steps[0].playbook.is_file());
+    assert_eq!(
+        s.provision.cache_mounts.as_deref().unwrap(),
+        ["/var/cache/apt/archives", "/var/lib/apt/lists"],
+        "normalised"
+    );
+    assert!(s.layer_settings().squashed());
+}
+
+#[test]
+fn steps_problems_are_reported_with_lines() {
+    let (_d, r) = load_str(
+        "name: app\nbase: 127.0.0.1:5000/debian:bookworm\nprovision:\n  playbook: pb.yml\n  steps:\n    - name: os\n      playbook: pb.yml\n",
+    );
+    let e = r.unwrap_err().to_string();
+    assert!(
+        e.contains("image.yaml:6:5: provision.steps: playbook and steps together"),
+        "{e}"
+    );
+
+    let (_d, r) = load_str(
+        "name: app\nbase: 127.0.0.1:5000/debian:bookworm\nprovision:\n  extra_vars: { a: 1 }\n  cache_mounts: [relative, /x, /x, /]\n  steps:\n    - name: OS\n      playbook: missing.yml\n      inputs: [/etc/passwd, \"../up/*\"]\n    - name: app\n      playbook: pb.yml\n    - name: app\n      playbook: pb.yml\n",
+    );
+    let e = r.unwrap_err().to_string();
+    for want in [
+        "image.yaml:4:",
+        "provision.cache_mounts[0]: cache mount \"relative\" must be an absolute path",
+        "provision.cache_mounts[2]: cache mount \"/x\" is listed twice",
+        "provision.cache_mounts[3]: cache mount \"/\" must be an absolute path",
+        "image.yaml:7:13: provision.steps[0].name: invalid step name \"OS\"",
+        "provision.steps[0].playbook: playbook \"missing.yml\" not found",
+        "provision.steps[0].inputs[0]: pattern \"/etc/passwd\": must be relative",
+        "provision.steps[0].inputs[1]: pattern \"../up/*\": must be relative",
+        "provision.steps[2].name: step name \"app\" is used twice",
+    ] {
+        assert!(e.contains(want), "{want:?} not in:\n{e}");
+    }
+
+    let (_d, r) =
+        load_str("name: app\nbase: 127.0.0.1:5000/debian:bookworm\nprovision:\n  env: {}\n");
+    let e = r.unwrap_err().to_string();
+    assert!(
+        e.contains("image.yaml:4:3: provision.playbook: required key"),
+        "{e}"
+    );
 }

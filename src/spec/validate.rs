@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use super::{
-    ImageSettings, ImageSpec, KeyPath, LayerSettings, Problem, Provision, SbomSetting, Target,
-    REDACTED,
+    ImageSettings, ImageSpec, KeyPath, LayerSettings, Problem, Provision, SbomSetting, StepSpec,
+    Target, REDACTED,
 };
 use crate::reference::{validate_repository, validate_tag, Reference};
 
@@ -42,10 +42,15 @@ impl<'a> Checks<'a> {
     }
 
     fn bad(&mut self, path: &KeyPath, message: String) {
+        self.bad_at(path, path, message)
+    }
+
+    /// A problem of `path`, located at `located` (for a key that is not in the document).
+    fn bad_at(&mut self, path: &KeyPath, located: &KeyPath, message: String) {
         if self.has_problem(path) {
             return;
         }
-        let (line, column) = self.locations.get(path).copied().unwrap_or((0, 0));
+        let (line, column) = self.locations.get(located).copied().unwrap_or((0, 0));
         self.problems.push(Problem {
             file: self.file.to_path_buf(),
             line,
@@ -128,15 +133,33 @@ fn top_level(spec: &ImageSpec, c: &mut Checks<'_>) {
 }
 
 fn provision(p: &mut Provision, dir: &Path, at: &KeyPath, c: &mut Checks<'_>) {
-    let rel = p.playbook.clone();
-    p.playbook = dir.join(&rel);
-    if !p.playbook.is_file() {
-        let msg = format!(
-            "playbook {:?} not found (looked for {})",
-            rel,
-            p.playbook.display()
-        );
-        c.bad(&at.key("playbook"), msg);
+    match (&mut p.playbook, &mut p.steps) {
+        (Some(_), Some(_)) => c.bad(
+            &at.key("steps"),
+            "playbook and steps together: give one playbook, or steps".into(),
+        ),
+        (None, None) => c.bad_at(
+            &at.key("playbook"),
+            at,
+            "required key \"playbook\" is missing (or give provision.steps)".into(),
+        ),
+        (Some(pb), None) => playbook(pb, dir, &at.key("playbook"), c),
+        (None, Some(steps)) => {
+            for key in ["extra_vars", "ansible_args", "inputs"] {
+                let given = match key {
+                    "extra_vars" => p.extra_vars.is_some(),
+                    "ansible_args" => p.ansible_args.is_some(),
+                    _ => p.inputs.is_some(),
+                };
+                if given {
+                    c.bad(
+                        &at.key(key),
+                        format!("only with provision.playbook: with steps, give {key} per step"),
+                    );
+                }
+            }
+            step_list(steps, dir, &at.key("steps"), c);
+        }
     }
     if let Some(conn) = &p.connection {
         if !matches!(
@@ -150,6 +173,92 @@ fn provision(p: &mut Provision, dir: &Path, at: &KeyPath, c: &mut Checks<'_>) {
         }
     }
     env_names(p.env.as_ref(), &at.key("env"), c);
+    inputs(p.inputs.as_deref(), &at.key("inputs"), c);
+    cache_mounts(p.cache_mounts.as_mut(), &at.key("cache_mounts"), c);
+}
+
+/// A playbook path, resolved against image.yaml's directory; it must exist.
+fn playbook(pb: &mut std::path::PathBuf, dir: &Path, at: &KeyPath, c: &mut Checks<'_>) {
+    let rel = pb.clone();
+    *pb = dir.join(&rel);
+    if !pb.is_file() {
+        let msg = format!("playbook {:?} not found (looked for {})", rel, pb.display());
+        c.bad(at, msg);
+    }
+}
+
+fn step_list(steps: &mut [StepSpec], dir: &Path, at: &KeyPath, c: &mut Checks<'_>) {
+    if steps.is_empty() {
+        c.bad(at, "at least one step is needed".into());
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, s) in steps.iter_mut().enumerate() {
+        let here = at.index(i);
+        let valid = !s.name.is_empty()
+            && s.name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !valid {
+            let msg = format!(
+                "invalid step name {}: lowercase letters, digits and -",
+                c.quote(&here.key("name"), &s.name)
+            );
+            c.bad(&here.key("name"), msg);
+        } else if !seen.insert(s.name.clone()) {
+            c.bad(
+                &here.key("name"),
+                format!("step name {:?} is used twice", s.name),
+            );
+        }
+        playbook(&mut s.playbook, dir, &here.key("playbook"), c);
+        env_names(s.env.as_ref(), &here.key("env"), c);
+        inputs(s.inputs.as_deref(), &here.key("inputs"), c);
+    }
+}
+
+/// `inputs` globs: relative to image.yaml, inside its directory.
+fn inputs(globs: Option<&[String]>, at: &KeyPath, c: &mut Checks<'_>) {
+    for (i, g) in globs.into_iter().flatten().enumerate() {
+        let here = at.index(i);
+        let outside = g.starts_with('/') || g.split('/').any(|part| part == "..");
+        let problem = if g.is_empty() {
+            Some("empty pattern".to_string())
+        } else if outside {
+            Some("must be relative to image.yaml and stay inside its directory".to_string())
+        } else {
+            globset::Glob::new(g).err().map(|e| e.kind().to_string())
+        };
+        if let Some(why) = problem {
+            let msg = format!("pattern {}: {why}", c.quote(&here, g));
+            c.bad(&here, msg);
+        }
+    }
+}
+
+/// `cache_mounts`: absolute, normalised (no trailing `/`), not `/`, each once.
+fn cache_mounts(paths: Option<&mut Vec<String>>, at: &KeyPath, c: &mut Checks<'_>) {
+    let Some(paths) = paths else { return };
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, p) in paths.iter_mut().enumerate() {
+        let here = at.index(i);
+        let trimmed = p.trim_end_matches('/').to_string();
+        let bad_part = trimmed
+            .split('/')
+            .skip(1)
+            .any(|part| part.is_empty() || part == "." || part == "..");
+        if !p.starts_with('/') || trimmed.is_empty() || bad_part {
+            let msg = format!(
+                "cache mount {} must be an absolute path other than / (no ., .. or //)",
+                c.quote(&here, p)
+            );
+            c.bad(&here, msg);
+            continue;
+        }
+        *p = trimmed;
+        if !seen.insert(p.clone()) {
+            c.bad(&here, format!("cache mount {p:?} is listed twice"));
+        }
+    }
 }
 
 /// Environment variable names: not empty, no `=` or NUL.

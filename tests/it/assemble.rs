@@ -127,6 +127,7 @@ fn fixed_base_and_layer_give_known_digests() {
         cache_key: String::new(),
         source: wpimg::build::LayerSource::Upperdir,
         container: None,
+        seconds: 0.0,
     };
     let image = wpimg::build::assemble(&base, &[outcome], &spec.image_settings()).unwrap();
     let (cb, mb) = (&image.raw_config, &image.raw_manifest);

@@ -23,5 +23,6 @@ mod registry_faults;
 mod registry_hostile;
 mod sbom;
 mod sign;
+mod steps;
 mod supply;
 mod wordpress;
