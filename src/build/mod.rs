@@ -9,6 +9,8 @@ mod container;
 mod context;
 pub mod docker_archive;
 mod extract;
+mod platforms;
+pub mod probe;
 mod report;
 mod stage;
 mod step;
@@ -20,7 +22,8 @@ pub use cache::{key as cache_key, Cache, CacheEntry};
 pub use container::{BuildContainer, IMAGE_LABEL};
 pub use context::{BuildContext, BuildOptions, LayerUpload};
 pub use extract::{Extraction, LayerPath};
-pub use report::{BuildReport, CacheOutcome, LayerReport, LayerSource, StageTime};
+pub use platforms::{CannotRun, PlatformEngine};
+pub use report::{BuildReport, CacheOutcome, LayerReport, LayerSource, PlatformReport, StageTime};
 pub use stage::{StageTimer, Stages};
 pub use step::{Step, StepOutcome, StepRun};
 
@@ -98,16 +101,48 @@ pub enum BuildError {
     /// Local I/O.
     #[error(transparent)]
     Io(#[from] std::io::Error),
+    /// The base has no image for some of the platforms to build.
+    #[error("base image {base} has no image for {} (it has: {})", missing.join(", "), if available.is_empty() { "no platform".to_string() } else { available.join(", ") })]
+    BasePlatforms {
+        /// The base reference.
+        base: String,
+        /// The platforms it lacks.
+        missing: Vec<String>,
+        /// The platforms it has.
+        available: Vec<String>,
+    },
+    /// An engine cannot run a platform's containers (its probe failed).
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    CannotRun(Vec<CannotRun>),
+    /// `--load` with `platforms:` that lack the engine's own platform.
+    #[error("--load loads the engine's own platform, {engine}, which platforms: does not list ({}): build without --load, or add {engine}", platforms.join(", "))]
+    LoadPlatform {
+        /// The engine's platform.
+        engine: String,
+        /// The platforms built.
+        platforms: Vec<String>,
+    },
+    /// One platform of a multi-platform build failed.
+    #[error("platform {platform}")]
+    Platform {
+        /// The platform.
+        platform: String,
+        /// The cause.
+        #[source]
+        source: Box<BuildError>,
+    },
 }
 
 impl HasKind for BuildError {
     fn kind(&self) -> ErrorKind {
         match self {
-            BuildError::BadReference { .. } | BuildError::LayerPathUnavailable { .. } => {
-                ErrorKind::BadInput
-            }
+            BuildError::BadReference { .. }
+            | BuildError::LayerPathUnavailable { .. }
+            | BuildError::BasePlatforms { .. }
+            | BuildError::LoadPlatform { .. } => ErrorKind::BadInput,
             BuildError::Interrupted => ErrorKind::Interrupted,
             BuildError::Pull { source, .. } => source.kind(),
+            BuildError::Platform { source, .. } => source.kind(),
             _ => ErrorKind::Failure,
         }
     }
@@ -126,8 +161,11 @@ pub struct PlatformBuild {
 }
 
 /// Run a whole build: the image for the spec's platform, tagged `NAME:TAG` in the layout, and
-/// loaded into the engine with `--load`.
+/// loaded into the engine with `--load`; with `platforms:`, an index of one image per platform.
 pub async fn build(ctx: &BuildContext<'_>) -> Result<BuildReport, BuildError> {
+    if let Some(platforms) = ctx.spec.index_platforms() {
+        return platforms::build_index(ctx, &platforms).await;
+    }
     let platform = ctx
         .spec
         .platform
@@ -135,6 +173,9 @@ pub async fn build(ctx: &BuildContext<'_>) -> Result<BuildReport, BuildError> {
         .and_then(Platform::parse)
         .unwrap_or_else(Platform::host);
     let engine = ctx.stage("engine", ctx.engine.info()).await?;
+    if ctx.spec.platform.is_some() {
+        platforms::check_runs(ctx, &platform, &engine).await?;
+    }
     let built = build_platform(ctx, &platform, &engine).await?;
     let reference = ctx.spec.local_ref();
     ctx.layout().tag(&reference, &built.image.descriptor)?;
@@ -268,6 +309,8 @@ fn report(
         stages: ctx.stages().times(),
         container: last.and_then(|s| s.container.clone()).unwrap_or_default(),
         loaded,
+        index_digest: None,
+        platforms: Vec::new(),
     }
 }
 

@@ -223,13 +223,10 @@ impl StepRun<'_> {
     /// after a failed play with `--keep-on-error`). Returns the layer and the container's name.
     async fn produce(&self) -> Result<(LayerInfo, LayerSource, String), BuildError> {
         let provisioning = self.ctx.stages().start("provision");
-        // The engine's own platform unless image.yaml names one.
-        let platform = self
-            .ctx
-            .spec
-            .platform
-            .as_ref()
-            .map(|_| self.platform.to_string());
+        // The engine's own platform unless image.yaml names one (or several).
+        let spec = self.ctx.spec;
+        let platform = (spec.platform.is_some() || spec.platforms.is_some())
+            .then(|| self.platform.to_string());
         let spec = BuildContainer::spec(&self.parent.config_id(), &self.ctx.spec.name, platform);
         let container = BuildContainer::start(self.ctx.engine.clone(), &spec).await?;
         let produced = self
