@@ -198,7 +198,7 @@ async fn probe_all(lanes: &[Lane]) -> Result<(), BuildError> {
     let per_lane = lanes.iter().map(|lane| async move {
         let mut failed = Vec::new();
         for p in &lane.platforms {
-            match probe::probe(lane.engine.engine.as_ref(), p).await? {
+            match probe::probe(&lane.engine.engine, p).await? {
                 Probe::Runs | Probe::Unknown => {}
                 Probe::CannotRun(why) => failed.push(CannotRun {
                     platform: p.to_string(),
@@ -370,4 +370,154 @@ fn index_report(
     };
     top.platforms = built.into_iter().map(|b| b.report).collect();
     top
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::{ErrorKind, HasKind};
+    use crate::runtime::FakeEngine;
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        spec: crate::spec::ImageSpec,
+        client: crate::registry::Client,
+        oci: PathBuf,
+    }
+
+    fn fixture(platforms: &str) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("pb.yml"), "- hosts: all\n  tasks: []\n").unwrap();
+        std::fs::write(
+            dir.path().join("image.yaml"),
+            format!("name: app\nbase: 127.0.0.1:5000/base:1\nplatforms: {platforms}\nprovision:\n  playbook: pb.yml\n"),
+        )
+        .unwrap();
+        let spec = crate::spec::load(&dir.path().join("image.yaml"), &Default::default()).unwrap();
+        Fixture {
+            oci: dir.path().join("oci"),
+            _dir: dir,
+            spec,
+            client: crate::registry::Client::new(Default::default()).unwrap(),
+        }
+    }
+
+    impl Fixture {
+        fn ctx(&self, engine: &Arc<FakeEngine>, load: bool) -> BuildContext<'_> {
+            let options = super::super::BuildOptions {
+                oci_dir: self.oci.clone(),
+                load,
+                ..Default::default()
+            };
+            let engine: Arc<dyn Engine> = engine.clone();
+            BuildContext::new(
+                &self.spec,
+                engine,
+                &self.client,
+                options,
+                crate::events::null(),
+            )
+            .unwrap()
+        }
+    }
+
+    fn p(s: &str) -> Platform {
+        Platform::parse(s).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_platform_the_engine_cannot_run_fails_up_front_leaving_nothing() {
+        let f = fixture("[linux/amd64, linux/arm64]");
+        let fake = Arc::new(FakeEngine {
+            cannot_run: vec!["linux/arm64".into()],
+            ..Default::default()
+        });
+        let ctx = f.ctx(&fake, false);
+        let platforms = f.spec.index_platforms().unwrap();
+        let lanes = lanes(&ctx, &platforms).await.unwrap();
+        let e = probe_all(&lanes).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Failure);
+        let msg = e.to_string();
+        for want in [
+            "cannot run linux/arm64 containers (probe: exit code 1: exec /probe: exec format error)",
+            "/proc/sys/fs/binfmt_misc/qemu-aarch64",
+            "--engine linux/arm64=tcp://HOST:2376",
+        ] {
+            assert!(msg.contains(want), "{want:?} missing from {msg}");
+        }
+        assert!(!msg.contains("linux/amd64 containers"), "{msg}");
+        // Every probe image loaded is removed; its container is removed by run_to_end.
+        let calls = fake.calls();
+        let loads = calls.iter().filter(|c| c.starts_with("load ")).count();
+        let removed = calls
+            .iter()
+            .filter(|c| c.starts_with("remove_image sha256:"))
+            .count();
+        assert_eq!((loads, removed), (2, 2), "{calls:?}");
+        assert!(calls
+            .iter()
+            .any(|c| c.ends_with(" linux/arm64") && c.starts_with("run_to_end")));
+    }
+
+    #[tokio::test]
+    async fn platforms_group_by_engine() {
+        let f = fixture("[linux/amd64, linux/arm64, linux/arm/v7]");
+        let fake = Arc::new(FakeEngine::default());
+        let platforms = f.spec.index_platforms().unwrap();
+        let one = lanes(&f.ctx(&fake, false), &platforms).await.unwrap();
+        assert_eq!(one.len(), 1);
+        assert_eq!(one[0].platforms, platforms);
+        let other = PlatformEngine {
+            engine: Arc::new(FakeEngine::default()),
+            host: "tcp://graviton:2376".into(),
+            docker_host: Some("tcp://graviton:2376".into()),
+            docker_tls_cert_dir: None,
+        };
+        let ctx = f
+            .ctx(&fake, false)
+            .with_platform_engine(p("linux/arm64"), other.clone())
+            .with_platform_engine(p("linux/arm/v7"), other);
+        let two = lanes(&ctx, &platforms).await.unwrap();
+        let hosts: Vec<(&str, usize)> = two
+            .iter()
+            .map(|l| (l.engine.host.as_str(), l.platforms.len()))
+            .collect();
+        assert_eq!(
+            hosts,
+            [
+                ("unix:///var/run/docker.sock", 1),
+                ("tcp://graviton:2376", 2)
+            ]
+        );
+        // Ansible of a platform on its own engine is sent there.
+        let child = ctx.for_platform(&p("linux/arm64"), &two[1].engine, CancellationToken::new());
+        assert_eq!(
+            child.options.docker_host.as_deref(),
+            Some("tcp://graviton:2376")
+        );
+    }
+
+    #[tokio::test]
+    async fn load_needs_the_engine_own_platform() {
+        let fake = Arc::new(FakeEngine::default());
+        let f = fixture("[linux/arm64, linux/s390x]");
+        let platforms = f.spec.index_platforms().unwrap();
+        let e = own_platform(&f.ctx(&fake, true), &platforms)
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::BadInput);
+        assert!(
+            e.to_string()
+                .contains("--load loads the engine's own platform"),
+            "{e}"
+        );
+        assert!(own_platform(&f.ctx(&fake, false), &platforms)
+            .await
+            .unwrap()
+            .is_none());
+        let f = fixture("[linux/arm64, linux/amd64]");
+        let platforms = f.spec.index_platforms().unwrap();
+        let own = own_platform(&f.ctx(&fake, true), &platforms).await.unwrap();
+        assert_eq!(own, Some(Platform::host()));
+    }
 }

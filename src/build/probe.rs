@@ -6,6 +6,7 @@
 //! registered with the F flag so the interpreter is reachable inside containers).
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -30,17 +31,13 @@ pub enum Probe {
 }
 
 /// Run the probe of `platform` on `engine`; nothing is left behind (container and image are
-/// removed, also when the run fails).
-pub async fn probe(engine: &dyn Engine, platform: &Platform) -> Result<Probe, RuntimeError> {
+/// removed, also when the run fails or is cancelled).
+pub async fn probe(engine: &Arc<dyn Engine>, platform: &Platform) -> Result<Probe, RuntimeError> {
     let Some(exe) = executable(platform) else {
         return Ok(Probe::Unknown);
     };
     let nonce = format!("{:016x}", fastrand::u64(..));
     let image = ProbeImage::new(platform, exe, &nonce);
-    let chunk: std::io::Result<Bytes> = Ok(Bytes::from(image.archive()?));
-    engine
-        .load(Box::pin(futures_util::stream::iter([chunk])))
-        .await?;
     let spec = ContainerSpec {
         image: image.id(),
         name: format!("wpimg-probe-{}-{nonce}", platform.architecture),
@@ -50,8 +47,19 @@ pub async fn probe(engine: &dyn Engine, platform: &Platform) -> Result<Probe, Ru
         ]),
         platform: Some(platform.to_string()),
     };
+    let mut leftovers = Leftovers {
+        engine: engine.clone(),
+        container: spec.name.clone(),
+        image: image.id(),
+        armed: true,
+    };
+    let chunk: std::io::Result<Bytes> = Ok(Bytes::from(image.archive()?));
+    engine
+        .load(Box::pin(futures_util::stream::iter([chunk])))
+        .await?;
     let ran = engine.run_to_end(&spec, PROBE_TIMEOUT).await;
     let removed = engine.remove_image(&image.id()).await;
+    leftovers.armed = ran.is_err() || removed.is_err();
     let RunOutcome { exit_code, output } = ran?;
     removed?;
     Ok(match exit_code {
@@ -60,6 +68,31 @@ pub async fn probe(engine: &dyn Engine, platform: &Platform) -> Result<Probe, Ru
         Some(code) => Probe::CannotRun(format!("exit code {code}: {output}")),
         None => Probe::CannotRun(output),
     })
+}
+
+/// What a probe may leave in the engine when it fails or is cancelled half-way: removed in the
+/// background when dropped armed.
+struct Leftovers {
+    engine: Arc<dyn Engine>,
+    container: String,
+    image: String,
+    armed: bool,
+}
+
+impl Drop for Leftovers {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let engine = self.engine.clone();
+            let (container, image) = (self.container.clone(), self.image.clone());
+            rt.spawn(async move {
+                let _ = engine.remove(&container).await;
+                let _ = engine.remove_image(&image).await;
+            });
+        }
+    }
 }
 
 /// The name of qemu's binfmt handler for a platform (`/proc/sys/fs/binfmt_misc/qemu-NAME`).
