@@ -260,8 +260,10 @@ fn two_platforms_one_index_pushed_run_pulled_and_rebuilt() {
     }
     drop(ns);
 
-    // An unchanged rebuild hits the cache on both platforms: the same index.
-    let (o, events) = wpimg_build(p.path(), &[]);
+    // An unchanged rebuild hits the cache on both platforms: the same index; --load puts the
+    // engine's own platform into Docker.
+    let _loaded = ImageGuard(format!("{name}:v1"));
+    let (o, events) = wpimg_build(p.path(), &["--load"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let again = events.last().unwrap();
     assert_eq!(again["index_digest"], index.as_str());
@@ -270,6 +272,20 @@ fn two_platforms_one_index_pushed_run_pulled_and_rebuilt() {
         assert_eq!(one["cache"], "hit", "{one}");
     }
     assert_eq!(digests(again), built);
+    assert_eq!(again["loaded"], format!("{name}:v1"));
+    let id = ok_stdout(Command::new("docker").args([
+        "image",
+        "inspect",
+        "-f",
+        "{{.Id}}",
+        &format!("{name}:v1"),
+    ]));
+    assert_eq!(
+        id.trim(),
+        again["platforms"][0]["config_digest"].as_str().unwrap()
+    );
+    let o = ok_stdout(Command::new("docker").args(["run", "--rm", &format!("{name}:v1")]));
+    assert_eq!(o, "x86_64\n");
 
     // inspect shows the platforms; each image is reachable from the index and by digest.
     let o = run(wpimg()
@@ -290,6 +306,41 @@ fn two_platforms_one_index_pushed_run_pulled_and_rebuilt() {
     assert!(text.contains("platform    linux/amd64"), "{text}");
 
     assert!(build_containers(&name).is_empty(), "build containers left");
+    assert!(temp_blobs(&oci).is_empty(), "{:?}", temp_blobs(&oci));
+}
+
+#[test]
+fn a_failing_platform_is_named_and_nothing_is_tagged() {
+    require_fixtures();
+    require("ansible-playbook");
+    let name = unique("wpimg-test/platformfails");
+    let p = project(
+        &name,
+        MULTI_BASE,
+        "[linux/amd64, linux/arm64]",
+        "127.0.0.1:5000/unused",
+    );
+    write(
+        &p.path().join("site.yml"),
+        "- hosts: all\n  gather_facts: true\n  gather_subset: [min]\n  tasks:\n    - name: Break on amd64\n      ansible.builtin.fail:\n        msg: not on this platform\n      when: ansible_architecture == 'x86_64'\n",
+    );
+    let oci = p.path().join(".wpimg/oci");
+    let (o, events) = wpimg_build(p.path(), &[]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("platform linux/amd64: provisioning failed"),
+        "{err}"
+    );
+    assert!(err.contains("Break on amd64"), "{err}");
+    // One engine: the second platform never started; nothing is tagged or left.
+    assert!(
+        !events.iter().any(|e| e["platform"] == "linux/arm64"),
+        "linux/arm64 started after linux/amd64 failed"
+    );
+    let index = std::fs::read_to_string(oci.join("index.json")).unwrap();
+    assert!(!index.contains(&name), "{index}");
+    assert!(build_containers(&name).is_empty());
     assert!(temp_blobs(&oci).is_empty(), "{:?}", temp_blobs(&oci));
 }
 
