@@ -90,6 +90,55 @@ pub enum Event {
         /// The message.
         message: String,
     },
+    /// An event of one platform's part of a multi-platform build (in `--json`: the event with a
+    /// `platform` field).
+    #[serde(skip)]
+    Platform {
+        /// `os/arch[/variant]`.
+        platform: String,
+        /// The event.
+        event: Box<Event>,
+    },
+}
+
+impl Event {
+    /// The event as a `--json` line: its fields, with `platform` for a platform's event;
+    /// `None` for events that are not printed as JSON (progress).
+    pub fn to_json(&self) -> Option<serde_json::Value> {
+        match self {
+            Event::BlobProgress { .. } => None,
+            Event::Platform { platform, event } => {
+                let mut v = event.to_json()?;
+                if let Some(m) = v.as_object_mut() {
+                    m.insert("platform".into(), platform.clone().into());
+                }
+                Some(v)
+            }
+            other => serde_json::to_value(other).ok(),
+        }
+    }
+}
+
+/// Passes every event on as an [`Event::Platform`] of `platform`.
+pub struct PlatformReporter {
+    inner: SharedReporter,
+    platform: String,
+}
+
+impl PlatformReporter {
+    /// A reporter for `platform`'s part of a build.
+    pub fn shared(inner: SharedReporter, platform: String) -> SharedReporter {
+        Arc::new(Self { inner, platform })
+    }
+}
+
+impl Reporter for PlatformReporter {
+    fn event(&self, e: Event) {
+        self.inner.event(Event::Platform {
+            platform: self.platform.clone(),
+            event: Box::new(e),
+        });
+    }
 }
 
 /// Receives events. Implementations must be cheap and never block for long.
@@ -197,5 +246,24 @@ mod tests {
         for (e, want) in cases {
             assert_eq!(serde_json::to_string(&e).unwrap(), want);
         }
+    }
+
+    #[test]
+    fn platform_events_carry_their_platform() {
+        let e = Event::Platform {
+            platform: "linux/arm64".into(),
+            event: Box::new(Event::StageStart {
+                stage: "provision".into(),
+            }),
+        };
+        assert_eq!(
+            e.to_json().unwrap().to_string(),
+            r#"{"event":"stage_start","stage":"provision","platform":"linux/arm64"}"#
+        );
+        let progress = Event::BlobProgress {
+            digest: "d".into(),
+            done: 1,
+        };
+        assert!(progress.to_json().is_none());
     }
 }

@@ -135,6 +135,19 @@ pub struct LayerView {
     pub media_type: String,
 }
 
+/// One image of an index.
+#[derive(Debug, Clone, Serialize)]
+pub struct PlatformView {
+    /// `os/arch[/variant]`.
+    pub platform: String,
+    /// Its manifest digest.
+    pub digest: Digest,
+    /// Its manifest's size.
+    pub size: u64,
+    /// Its manifest's media type.
+    pub media_type: String,
+}
+
 /// Everything `inspect` reports about an image.
 #[derive(Debug, Clone, Serialize)]
 pub struct ImageView {
@@ -151,6 +164,9 @@ pub struct ImageView {
     /// Digest of the index the manifest was selected from, if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub index_digest: Option<Digest>,
+    /// The index's images, one per platform (empty when the reference names one image).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub platforms: Vec<PlatformView>,
     /// `os/arch[/variant]` of the image.
     pub platform: String,
     /// The config blob's descriptor.
@@ -220,6 +236,21 @@ impl Found {
             location: self.location,
             digest: image.descriptor.digest.clone(),
             index_digest: resolved.index.as_ref().map(|i| i.descriptor.digest.clone()),
+            platforms: resolved
+                .index
+                .iter()
+                .flat_map(|i| &i.index.manifests)
+                .map(|d| PlatformView {
+                    platform: d
+                        .platform
+                        .as_ref()
+                        .map(|p| p.to_string())
+                        .unwrap_or_default(),
+                    digest: d.digest.clone(),
+                    size: d.size,
+                    media_type: d.media_type.clone(),
+                })
+                .collect(),
             platform: image.platform().to_string(),
             config_descriptor: image.manifest.config.clone(),
             total_size: layers.iter().map(|l| l.size).sum(),
@@ -243,6 +274,8 @@ pub async fn from_layout(
     };
     let layout = Layout::open(dir).map_err(layout_err)?;
     let (name, top) = match reference {
+        // A manifest of the layout by digest (an index's platform image).
+        Some(r) if r.parse::<Digest>().is_ok() => (r.to_string(), r.to_string()),
         Some(r) => {
             let r = with_default_tag(r);
             if let Err(LayoutError::RefNotFound { .. }) = layout.resolve(&r) {
@@ -364,6 +397,11 @@ pub fn render_human(v: &ImageView) -> String {
         line("index", &i.to_string());
     }
     line("platform", &v.platform);
+    for (i, p) in v.platforms.iter().enumerate() {
+        let shown = if p.digest == v.digest { " (shown)" } else { "" };
+        let label = if i == 0 { "platforms" } else { "" };
+        line(label, &format!("{:<14} {}{shown}", p.platform, p.digest));
+    }
     if let Some(c) = v.config.get("created").and_then(|c| c.as_str()) {
         line("created", c);
     }

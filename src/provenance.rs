@@ -6,7 +6,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::build::{BuildReport, CacheOutcome, LayerReport, StageTime, StepReport};
-use crate::oci::Digest;
+use crate::oci::{Descriptor, Digest};
 use crate::publish::PushOutcome;
 
 /// One pushed destination.
@@ -53,6 +53,47 @@ pub struct BuildManifest {
     pub stages: Option<Vec<StageTime>>,
     /// Where the image was pushed.
     pub pushed: Vec<Pushed>,
+    /// The index digest of a multi-platform image (`manifest_digest` is then the index's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub index_digest: Option<Digest>,
+    /// Each platform's image of a multi-platform image.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub platforms: Vec<PlatformImage>,
+}
+
+/// One platform's image of an index.
+#[derive(Debug, Clone, Serialize)]
+pub struct PlatformImage {
+    /// `os/arch[/variant]`.
+    pub platform: String,
+    /// Its manifest digest.
+    pub manifest_digest: Digest,
+    /// Its config digest (a build knows it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub config_digest: Option<Digest>,
+    /// The base's manifest for the platform (a build knows it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub base_digest: Option<Digest>,
+    /// Its layers, base first (a build knows them).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub layers: Option<Vec<LayerReport>>,
+}
+
+impl PlatformImage {
+    /// An index entry as pushed.
+    fn of_entry(d: &Descriptor) -> Self {
+        Self {
+            platform: d
+                .platform
+                .as_ref()
+                .map(|p| p.to_string())
+                .unwrap_or_default(),
+            manifest_digest: d.digest.clone(),
+            config_digest: None,
+            base_digest: None,
+            layers: None,
+        }
+    }
 }
 
 impl BuildManifest {
@@ -78,6 +119,18 @@ impl BuildManifest {
             steps: Some(report.steps.clone()),
             stages: Some(report.stages.clone()),
             pushed: pushed.map(Pushed::of).into_iter().collect(),
+            index_digest: report.index_digest.clone(),
+            platforms: report
+                .platforms
+                .iter()
+                .map(|p| PlatformImage {
+                    platform: p.platform.clone(),
+                    manifest_digest: p.manifest.digest.clone(),
+                    config_digest: Some(p.config_digest.clone()),
+                    base_digest: Some(p.base_digest.clone()),
+                    layers: Some(p.layers.clone()),
+                })
+                .collect(),
         }
     }
 
@@ -99,6 +152,12 @@ impl BuildManifest {
             steps: None,
             stages: None,
             pushed: vec![Pushed::of(pushed)],
+            index_digest: (!pushed.platforms.is_empty()).then(|| pushed.digest.clone()),
+            platforms: pushed
+                .platforms
+                .iter()
+                .map(PlatformImage::of_entry)
+                .collect(),
         }
     }
 
@@ -181,6 +240,8 @@ mod tests {
                 seconds: 1.5,
             }],
             squashed: false,
+            index_digest: None,
+            platforms: vec![],
         };
         let pushed = PushOutcome {
             image_uri: format!("r/app@{}", d("m")),
@@ -188,6 +249,7 @@ mod tests {
             repository: "r/app".into(),
             tags: vec!["latest".into()],
             seconds: 1.0,
+            platforms: vec![],
             details: PushDetails::Registry(PushReport {
                 registry: "r".into(),
                 repository: "app".into(),

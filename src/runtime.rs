@@ -97,6 +97,17 @@ pub struct EngineInfo {
     pub storage_driver: String,
     /// Whether the engine runs on this machine (unix socket), so its files are readable here.
     pub local: bool,
+    /// The engine's own platform (`linux/amd64`): what it runs without emulation.
+    pub platform: String,
+}
+
+/// How a container run to its end ([`Engine::run_to_end`]) ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunOutcome {
+    /// Its exit code; `None` when it could not start or did not end in time.
+    pub exit_code: Option<i64>,
+    /// Its output (stdout and stderr, the last few KiB), or why it did not run.
+    pub output: String,
 }
 
 /// What to run as the build container.
@@ -184,7 +195,17 @@ pub trait Engine: Send + Sync {
         &self,
         name: &str,
     ) -> Result<Option<HashMap<String, String>>, RuntimeError>;
+    /// Run a container of `spec` (its image's entrypoint, no network) to its end, waiting at
+    /// most `timeout`, and remove it: its exit code and output.
+    async fn run_to_end(
+        &self,
+        spec: &ContainerSpec,
+        timeout: Duration,
+    ) -> Result<RunOutcome, RuntimeError>;
 }
+
+/// How much of a container's output [`Engine::run_to_end`] keeps (the end of it).
+const RUN_OUTPUT_MAX: usize = 4096;
 
 /// Where the engine listens when `DOCKER_HOST` is not set.
 pub const DEFAULT_DOCKER_HOST: &str = "unix:///var/run/docker.sock";
@@ -388,6 +409,11 @@ impl Engine for DockerEngine {
         let v = self.docker.version().await.map_err(api("version"))?;
         let i = self.docker.info().await.map_err(api("info"))?;
         Ok(EngineInfo {
+            platform: format!(
+                "{}/{}",
+                v.os.as_deref().unwrap_or("linux"),
+                v.arch.as_deref().unwrap_or("unknown")
+            ),
             version: v.version.unwrap_or_default(),
             api_version: self.docker.client_version().to_string(),
             storage_driver: i.driver.unwrap_or_default(),
@@ -665,6 +691,95 @@ impl Engine for DockerEngine {
             Err(e) => Err(api(format!("inspect container {name}"))(e)),
         }
     }
+    async fn run_to_end(
+        &self,
+        spec: &ContainerSpec,
+        timeout: Duration,
+    ) -> Result<RunOutcome, RuntimeError> {
+        let mut opts = CreateContainerOptionsBuilder::default().name(&spec.name);
+        if let Some(p) = &spec.platform {
+            opts = opts.platform(p);
+        }
+        let body = ContainerCreateBody {
+            image: Some(spec.image.clone()),
+            labels: Some(spec.labels.clone()),
+            network_disabled: Some(true),
+            host_config: Some(HostConfig {
+                network_mode: Some("none".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let created = self
+            .docker
+            .create_container(Some(opts.build()), body)
+            .await
+            .map_err(api(format!("create container {}", spec.name)))?;
+        let outcome = self.start_and_wait(&created.id, timeout).await;
+        let removed = self.remove(&created.id).await;
+        let outcome = outcome?;
+        removed?;
+        Ok(outcome)
+    }
+}
+
+impl DockerEngine {
+    /// Start a created container, wait for its end (at most `timeout`) and read its output.
+    async fn start_and_wait(
+        &self,
+        id: &str,
+        timeout: Duration,
+    ) -> Result<RunOutcome, RuntimeError> {
+        if let Err(e) = self.docker.start_container(id, None).await {
+            return Ok(RunOutcome {
+                exit_code: None,
+                output: format!("the container did not start: {e}"),
+            });
+        }
+        let wait = async {
+            let opts = bollard::query_parameters::WaitContainerOptions::default();
+            let mut s = self.docker.wait_container(id, Some(opts));
+            match s.next().await {
+                Some(Ok(r)) => Ok(r.status_code),
+                Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => {
+                    Ok(code)
+                }
+                Some(Err(e)) => Err(api(format!("wait for container {id}"))(e)),
+                None => Ok(-1),
+            }
+        };
+        let code = match tokio::time::timeout(timeout, wait).await {
+            Ok(code) => code?,
+            Err(_) => {
+                return Ok(RunOutcome {
+                    exit_code: None,
+                    output: format!("the container did not end within {} s", timeout.as_secs()),
+                })
+            }
+        };
+        Ok(RunOutcome {
+            exit_code: Some(code),
+            output: self.output_of(id).await,
+        })
+    }
+
+    /// The end of a container's stdout and stderr (empty when it cannot be read).
+    async fn output_of(&self, id: &str) -> String {
+        let opts = bollard::query_parameters::LogsOptionsBuilder::new()
+            .stdout(true)
+            .stderr(true)
+            .build();
+        let mut s = self.docker.logs(id, Some(opts));
+        let mut out: Vec<u8> = Vec::new();
+        while let Some(Ok(chunk)) = s.next().await {
+            out.extend_from_slice(&chunk.into_bytes());
+            if out.len() > 2 * RUN_OUTPUT_MAX {
+                out.drain(..out.len() - RUN_OUTPUT_MAX);
+            }
+        }
+        let start = out.len().saturating_sub(RUN_OUTPUT_MAX);
+        String::from_utf8_lossy(&out[start..]).trim().to_string()
+    }
 }
 
 /// A fake engine that records calls, for unit tests of the build stages.
@@ -682,6 +797,9 @@ pub struct FakeEngine {
     pub volumes: Mutex<HashMap<String, HashMap<String, String>>>,
     /// Marker containers that exist, with their labels.
     pub markers: Mutex<HashMap<String, HashMap<String, String>>>,
+    /// Platforms whose containers fail to run (`run_to_end` says "exec format error"); the
+    /// others exit 0.
+    pub cannot_run: Vec<String>,
 }
 
 impl FakeEngine {
@@ -706,6 +824,7 @@ impl Engine for FakeEngine {
             api_version: "1.41".into(),
             storage_driver: "overlay2".into(),
             local: true,
+            platform: crate::oci::Platform::host().to_string(),
         })
     }
     async fn image_exists(&self, image: &str) -> Result<bool, RuntimeError> {
@@ -763,6 +882,24 @@ impl Engine for FakeEngine {
     async fn containers_with_label(&self, label: &str) -> Result<Vec<String>, RuntimeError> {
         self.record(format!("containers_with_label {label}"));
         Ok(vec![])
+    }
+    async fn run_to_end(
+        &self,
+        spec: &ContainerSpec,
+        _timeout: Duration,
+    ) -> Result<RunOutcome, RuntimeError> {
+        let platform = spec.platform.clone().unwrap_or_default();
+        self.record(format!("run_to_end {} {platform}", spec.image));
+        if self.cannot_run.contains(&platform) {
+            return Ok(RunOutcome {
+                exit_code: Some(1),
+                output: "exec /probe: exec format error".into(),
+            });
+        }
+        Ok(RunOutcome {
+            exit_code: Some(0),
+            output: String::new(),
+        })
     }
     async fn create_volume(
         &self,

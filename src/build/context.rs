@@ -9,11 +9,12 @@ use std::sync::{Arc, Mutex};
 use tokio_util::sync::CancellationToken;
 
 use super::extract::LayerPath;
+use super::platforms::PlatformEngine;
 use super::stage::Stages;
 use super::BuildError;
-use crate::events::SharedReporter;
+use crate::events::{PlatformReporter, SharedReporter};
 use crate::layout::Layout;
-use crate::oci::Descriptor;
+use crate::oci::{Descriptor, Platform};
 use crate::provision::{AnsiblePlaybook, Provisioner};
 use crate::reference::Reference;
 use crate::registry::{BlobStream, Client, StreamWriter};
@@ -80,6 +81,7 @@ pub struct BuildContext<'a> {
     stages: Stages,
     layer_upload: Mutex<Option<LayerUpload>>,
     background: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    platform_engines: Vec<(Platform, PlatformEngine)>,
 }
 
 impl<'a> BuildContext<'a> {
@@ -103,7 +105,68 @@ impl<'a> BuildContext<'a> {
             provisioner: Arc::new(AnsiblePlaybook),
             layer_upload: Mutex::new(None),
             background: Mutex::new(Vec::new()),
+            platform_engines: Vec::new(),
         })
+    }
+
+    /// Build `platform` of a multi-platform build on `engine` (`--engine PLATFORM=URL`)
+    /// instead of the build's own engine.
+    pub fn with_platform_engine(mut self, platform: Platform, engine: PlatformEngine) -> Self {
+        self.platform_engines.retain(|(p, _)| *p != platform);
+        self.platform_engines.push((platform, engine));
+        self
+    }
+
+    /// The engine `platform` builds on: its own (`--engine`), else the build's.
+    pub fn engine_for(&self, platform: &Platform) -> PlatformEngine {
+        if let Some((_, e)) = self.platform_engines.iter().find(|(p, _)| p == platform) {
+            return e.clone();
+        }
+        PlatformEngine {
+            engine: self.engine.clone(),
+            host: self
+                .options
+                .docker_host
+                .clone()
+                .unwrap_or_else(|| crate::runtime::DEFAULT_DOCKER_HOST.to_string()),
+            docker_host: self.options.docker_host.clone(),
+            docker_tls_cert_dir: self.options.docker_tls_cert_dir.clone(),
+        }
+    }
+
+    /// The context of `platform`'s part of a multi-platform build: this build's spec, layout,
+    /// client and options on `engine`, its own stage timers, events marked with the platform,
+    /// stopped by `cancel`, no streamed upload.
+    pub(crate) fn for_platform(
+        &self,
+        platform: &Platform,
+        engine: &PlatformEngine,
+        cancel: CancellationToken,
+    ) -> BuildContext<'a> {
+        let reporter = PlatformReporter::shared(self.reporter.clone(), platform.to_string());
+        BuildContext {
+            spec: self.spec,
+            engine: engine.engine.clone(),
+            client: self.client,
+            options: BuildOptions {
+                docker_host: engine.docker_host.clone(),
+                docker_tls_cert_dir: engine.docker_tls_cert_dir.clone(),
+                ..self.options.clone()
+            },
+            stages: Stages::new(reporter.clone()),
+            reporter,
+            cancel,
+            provisioner: self.provisioner.clone(),
+            layout: self.layout.clone(),
+            layer_upload: Mutex::new(None),
+            background: Mutex::new(Vec::new()),
+            platform_engines: Vec::new(),
+        }
+    }
+
+    /// The build's cancellation (a platform's part is cancelled with it).
+    pub(crate) fn cancel_token(&self) -> &CancellationToken {
+        &self.cancel
     }
 
     /// Stop at the next stage boundary, or inside the running stage, when `cancel` fires.

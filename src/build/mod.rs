@@ -12,6 +12,8 @@ pub mod docker_archive;
 mod extract;
 pub mod key;
 pub mod mounts;
+mod platforms;
+pub mod probe;
 pub mod prune;
 pub mod reads;
 mod report;
@@ -26,8 +28,10 @@ pub use cache::{Cache, CacheEntry};
 pub use container::{BuildContainer, IMAGE_LABEL};
 pub use context::{BuildContext, BuildOptions, LayerUpload};
 pub use extract::{Extraction, LayerPath};
+pub use platforms::{CannotRun, PlatformEngine};
 pub use report::{
-    BuildReport, CacheOutcome, LayerReport, LayerSource, SbomReport, StageTime, StepReport,
+    BuildReport, CacheOutcome, LayerReport, LayerSource, PlatformReport, SbomReport, StageTime,
+    StepReport,
 };
 pub use stage::{StageTimer, Stages};
 pub use step::{Chain, Step, StepDone, StepOutcome, StepRun, STEP_IMAGE_LABEL};
@@ -119,16 +123,48 @@ pub enum BuildError {
     /// Local I/O.
     #[error(transparent)]
     Io(#[from] std::io::Error),
+    /// The base has no image for some of the platforms to build.
+    #[error("base image {base} has no image for {} (it has: {})", missing.join(", "), if available.is_empty() { "no platform".to_string() } else { available.join(", ") })]
+    BasePlatforms {
+        /// The base reference.
+        base: String,
+        /// The platforms it lacks.
+        missing: Vec<String>,
+        /// The platforms it has.
+        available: Vec<String>,
+    },
+    /// An engine cannot run a platform's containers (its probe failed).
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    CannotRun(Vec<CannotRun>),
+    /// `--load` with `platforms:` that lack the engine's own platform.
+    #[error("--load loads the engine's own platform, {engine}, which platforms: does not list ({}): build without --load, or add {engine}", platforms.join(", "))]
+    LoadPlatform {
+        /// The engine's platform.
+        engine: String,
+        /// The platforms built.
+        platforms: Vec<String>,
+    },
+    /// One platform of a multi-platform build failed.
+    #[error("platform {platform}")]
+    Platform {
+        /// The platform.
+        platform: String,
+        /// The cause.
+        #[source]
+        source: Box<BuildError>,
+    },
 }
 
 impl HasKind for BuildError {
     fn kind(&self) -> ErrorKind {
         match self {
-            BuildError::BadReference { .. } | BuildError::LayerPathUnavailable { .. } => {
-                ErrorKind::BadInput
-            }
+            BuildError::BadReference { .. }
+            | BuildError::LayerPathUnavailable { .. }
+            | BuildError::BasePlatforms { .. }
+            | BuildError::LoadPlatform { .. } => ErrorKind::BadInput,
             BuildError::Interrupted => ErrorKind::Interrupted,
             BuildError::Pull { source, .. } => source.kind(),
+            BuildError::Platform { source, .. } => source.kind(),
             _ => ErrorKind::Failure,
         }
     }
@@ -154,14 +190,19 @@ pub struct PlatformBuild {
 }
 
 /// Run a whole build: the image for the spec's platform, tagged `NAME:TAG` in the layout, and
-/// loaded into the engine with `--load`. Waits at its end for the build containers still being
+/// loaded into the engine with `--load`; with `platforms:`, an index of one image per platform.
+/// Waits at its end for the build containers still being
 /// removed in the background.
 pub async fn build(ctx: &BuildContext<'_>) -> Result<BuildReport, BuildError> {
-    let result = build_tagged(ctx).await;
+    let result = match ctx.spec.index_platforms() {
+        Some(platforms) => platforms::build_index(ctx, &platforms).await,
+        None => build_tagged(ctx).await,
+    };
     ctx.settle().await;
     result
 }
 
+/// The image of the spec's one platform, tagged `NAME:TAG` (and loaded with `--load`).
 async fn build_tagged(ctx: &BuildContext<'_>) -> Result<BuildReport, BuildError> {
     let platform = ctx
         .spec
@@ -170,6 +211,9 @@ async fn build_tagged(ctx: &BuildContext<'_>) -> Result<BuildReport, BuildError>
         .and_then(Platform::parse)
         .unwrap_or_else(Platform::host);
     let engine = ctx.stage("engine", ctx.engine.info()).await?;
+    if ctx.spec.platform.is_some() {
+        platforms::check_runs(ctx, &platform, &engine).await?;
+    }
     let built = build_platform(ctx, &platform, &engine).await?;
     let reference = ctx.spec.local_ref();
     ctx.layout().tag(&reference, &built.image.descriptor)?;
@@ -441,6 +485,8 @@ fn report(
         sbom: built.sbom,
         steps,
         squashed: built.squashed,
+        index_digest: None,
+        platforms: Vec::new(),
     }
 }
 

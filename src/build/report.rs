@@ -40,6 +40,14 @@ impl CacheOutcome {
             _ => CacheOutcome::Partial,
         }
     }
+
+    /// The outcome of several builds (an index's platforms) from theirs.
+    pub fn combined(outcomes: impl IntoIterator<Item = CacheOutcome>) -> Self {
+        outcomes
+            .into_iter()
+            .reduce(|a, b| if a == b { a } else { CacheOutcome::Partial })
+            .unwrap_or(CacheOutcome::Miss)
+    }
 }
 
 impl std::fmt::Display for CacheOutcome {
@@ -155,6 +163,13 @@ pub struct BuildReport {
     pub steps: Vec<StepReport>,
     /// Whether the steps' layers were squashed into one (`layer.squash`).
     pub squashed: bool,
+    /// A multi-platform build's index digest (`manifest` is then the index; the image fields
+    /// above are the first platform's, each platform's are in `platforms`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub index_digest: Option<Digest>,
+    /// A multi-platform build's images, in `platforms:` order (empty for one image).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub platforms: Vec<PlatformReport>,
 }
 
 /// The SBOM of a built image, stored in the layout.
@@ -168,4 +183,65 @@ pub struct SbomReport {
     pub format: crate::sbom::Format,
     /// Packages listed.
     pub packages: usize,
+}
+
+/// One platform's image of a multi-platform build.
+#[derive(Debug, Clone, Serialize)]
+pub struct PlatformReport {
+    /// `os/arch[/variant]`.
+    pub platform: String,
+    /// The engine it was built on (`unix:///var/run/docker.sock`, `tcp://HOST:PORT`).
+    pub engine: String,
+    /// Its manifest descriptor (with its platform), as listed in the index.
+    pub manifest: Descriptor,
+    /// Its config digest.
+    pub config_digest: Digest,
+    /// The base's manifest for this platform.
+    pub base_digest: Digest,
+    /// Layers, base first.
+    pub layers: Vec<LayerReport>,
+    /// Total compressed size of its layers.
+    pub total_size: u64,
+    /// Its new layer's uncompressed digest.
+    pub diff_id: Digest,
+    /// How its new layer was read.
+    pub layer_path: LayerSource,
+    /// Cache outcome.
+    pub cache: CacheOutcome,
+    /// Its cache key.
+    pub cache_key: String,
+    /// Its build container (empty on a cache hit).
+    pub container: String,
+    /// Its stage timings.
+    pub stages: Vec<StageTime>,
+    /// What each of its steps did.
+    pub steps: Vec<StepReport>,
+    /// Its SBOM, stored in the layout.
+    pub sbom: Option<SbomReport>,
+    /// Wall time of its build, in seconds.
+    pub seconds: f64,
+}
+
+impl PlatformReport {
+    /// The platform's part of the report of its build (`report` made on its own context).
+    pub fn of(report: BuildReport, platform: String, engine: String, seconds: f64) -> Self {
+        Self {
+            platform,
+            engine,
+            manifest: report.manifest,
+            config_digest: report.config_digest,
+            base_digest: report.base_digest,
+            layers: report.layers,
+            total_size: report.total_size,
+            diff_id: report.diff_id,
+            layer_path: report.layer_path,
+            cache: report.cache,
+            cache_key: report.cache_key,
+            container: report.container,
+            stages: report.stages,
+            steps: report.steps,
+            sbom: report.sbom,
+            seconds,
+        }
+    }
 }

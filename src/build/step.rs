@@ -529,12 +529,9 @@ impl StepRun<'_> {
             false => Some(MountLocks::acquire(ctx, &self.step.cache_mounts, &parent).await?),
         };
         let provisioning = ctx.stages().start("provision");
-        // The engine's own platform unless image.yaml names one.
-        let platform = ctx
-            .spec
-            .platform
-            .as_ref()
-            .map(|_| self.platform.to_string());
+        // The engine's own platform unless image.yaml names one (or several).
+        let platform = (ctx.spec.platform.is_some() || ctx.spec.platforms.is_some())
+            .then(|| self.platform.to_string());
         let mut spec = BuildContainer::spec(&parent, &ctx.spec.name, platform);
         spec.volumes = locks
             .as_ref()

@@ -163,6 +163,7 @@ fn local_overlay() -> EngineInfo {
         api_version: "1.41".into(),
         storage_driver: "overlay2".into(),
         local: true,
+        platform: "linux/amd64".into(),
     }
 }
 

@@ -219,6 +219,11 @@ pub struct BuildArgs {
     /// With --push: upload the new layer after it is complete, not while it is compressed.
     #[arg(long)]
     pub no_stream: bool,
+    /// Build PLATFORM (one image.yaml builds) on the Docker engine at DOCKER_HOST_URL
+    /// (unix:///PATH or tcp://HOST:PORT; TLS as for DOCKER_HOST: https:// or DOCKER_TLS_VERIFY
+    /// with DOCKER_CERT_PATH) instead of DOCKER_HOST's. Repeatable.
+    #[arg(long = "engine", value_name = "PLATFORM=DOCKER_HOST_URL")]
+    pub engines: Vec<String>,
     /// Push options (with --push).
     #[command(flatten)]
     pub push_args: PushArgs,

@@ -7,12 +7,15 @@ use serde::Serialize;
 
 use super::args::{BuildArgs, GlobalArgs};
 use super::output::{build_summary, engine_note, Output};
+use super::settings::EngineFlag;
 use super::{push, settings};
-use crate::build::{BuildContext, BuildOptions, BuildReport, LayerUpload};
+use crate::build::{BuildContext, BuildOptions, BuildReport, LayerUpload, PlatformEngine};
 use crate::events::SharedReporter;
+use crate::oci::Platform;
 use crate::provenance::{git_revision, BuildManifest};
 use crate::publish::PushOutcome;
-use crate::runtime::{DockerEngine, Engine};
+use crate::runtime::DockerEngine;
+use crate::spec::ImageSpec;
 
 /// The `--json` result of a build: the report, and with `--push` the image URI and the push.
 #[derive(Serialize)]
@@ -35,8 +38,10 @@ pub async fn run(g: &GlobalArgs, b: &BuildArgs, out: &Arc<Output>) -> anyhow::Re
         .into());
     }
     let spec = settings::load_spec(g, &b.image_yaml)?;
-    let engine = DockerEngine::connect().await?;
-    engine_note(&engine, &rep).await;
+    let flags = settings::engine_flags(&b.engines, &spec, |k| {
+        std::env::var(k).ok().filter(|v| !v.is_empty())
+    })?;
+    let engines = Engines::connect(&spec, b.load, flags, &rep).await?;
     let (client, cache_repo) = settings::build_client(g, b, &spec).await?;
     // The push target is resolved first: a bad destination fails before the build, and a
     // registry push streams the new layer while it is compressed.
@@ -55,15 +60,14 @@ pub async fn run(g: &GlobalArgs, b: &BuildArgs, out: &Arc<Output>) -> anyhow::Re
         layer_path: b.layer_path,
         no_cache: b.no_cache,
         cache_repo,
-        docker_host: engine
-            .endpoint()
-            .from_docker_host
-            .then(|| engine.host().to_string()),
-        docker_tls_cert_dir: engine.endpoint().tls_cert_dir.clone(),
+        docker_host: engines.main.docker_host.clone(),
+        docker_tls_cert_dir: engines.main.docker_tls_cert_dir.clone(),
     };
-    let engine: Arc<dyn Engine> = Arc::new(engine);
-    let mut ctx = BuildContext::new(&spec, engine, &client, options, rep.clone())?
+    let mut ctx = BuildContext::new(&spec, engines.main.engine, &client, options, rep.clone())?
         .with_cancel(settings::cancel_on_signal());
+    for (platform, engine) in engines.platforms {
+        ctx = ctx.with_platform_engine(platform, engine);
+    }
     let stream = target.as_ref().filter(|_| !b.no_stream);
     if let Some((writer, stream)) = stream.and_then(|t| t.stream_blob(&rep)) {
         ctx = ctx.with_layer_upload(LayerUpload::new(writer, stream));
@@ -92,4 +96,60 @@ pub async fn run(g: &GlobalArgs, b: &BuildArgs, out: &Arc<Output>) -> anyhow::Re
     };
     out.result("build", &result);
     Ok(())
+}
+
+/// The engines of a build: its own (`DOCKER_HOST`'s, or the `--engine` of its `platform:`),
+/// and the `--engine` of each platform of `platforms:` that has one.
+struct Engines {
+    main: PlatformEngine,
+    platforms: Vec<(Platform, PlatformEngine)>,
+}
+
+impl Engines {
+    /// Connect every engine the build uses; `DOCKER_HOST`'s only when a platform (or `--load`)
+    /// needs it.
+    async fn connect(
+        spec: &ImageSpec,
+        load: bool,
+        flags: Vec<EngineFlag>,
+        rep: &SharedReporter,
+    ) -> anyhow::Result<Self> {
+        let mut platforms = Vec::new();
+        for f in flags {
+            let what = format!("--engine {}={}", f.platform, f.endpoint.host);
+            let engine = DockerEngine::connect_to(f.endpoint)
+                .await
+                .with_context(|| what)?;
+            engine_note(&engine, rep).await;
+            platforms.push((f.platform, platform_engine(engine)));
+        }
+        let needs_own = match spec.index_platforms() {
+            Some(all) => load || all.iter().any(|p| !platforms.iter().any(|(q, _)| q == p)),
+            None => platforms.is_empty(),
+        };
+        let main = match needs_own {
+            true => {
+                let engine = DockerEngine::connect().await?;
+                engine_note(&engine, rep).await;
+                platform_engine(engine)
+            }
+            // A single image on its --engine; or every platform on its own engine.
+            false => match spec.index_platforms() {
+                None => platforms.remove(0).1,
+                Some(_) => platforms[0].1.clone(),
+            },
+        };
+        Ok(Self { main, platforms })
+    }
+}
+
+/// An engine with what Ansible needs to reach it (`DOCKER_HOST` when one was named).
+fn platform_engine(engine: DockerEngine) -> PlatformEngine {
+    let endpoint = engine.endpoint().clone();
+    PlatformEngine {
+        host: endpoint.host.clone(),
+        docker_host: endpoint.from_docker_host.then(|| endpoint.host.clone()),
+        docker_tls_cert_dir: endpoint.tls_cert_dir.clone(),
+        engine: Arc::new(engine),
+    }
 }

@@ -111,14 +111,13 @@ impl Output {
 impl Reporter for Output {
     fn event(&self, e: Event) {
         if self.json {
-            if !matches!(e, Event::BlobProgress { .. }) {
-                if let Ok(v) = serde_json::to_value(&e) {
-                    self.json_line(&v);
-                }
+            if let Some(v) = e.to_json() {
+                self.json_line(&v);
             }
             return;
         }
         match e {
+            Event::Platform { platform, event } => self.platform_event(&platform, *event),
             Event::StageStart { stage } => self.say(&self.bold(&format!("==> {stage}"))),
             Event::StageFinish { stage, seconds } => {
                 if self.verbose {
@@ -189,8 +188,32 @@ impl Reporter for Output {
     }
 }
 
+impl Output {
+    /// A human line of one platform's event: stages and Ansible lines name the platform.
+    fn platform_event(&self, platform: &str, e: Event) {
+        match e {
+            Event::StageStart { stage } => {
+                self.say(&self.bold(&format!("==> {stage} [{platform}]")))
+            }
+            Event::StageFinish { stage, seconds } => {
+                if self.verbose {
+                    self.say(&format!("    {stage} [{platform}] done in {seconds:.1}s"))
+                }
+            }
+            Event::Output { source, line } => {
+                self.say(&format!("    {source} [{platform}] | {line}"))
+            }
+            Event::Warning { message } => self.say(&format!("warning: [{platform}] {message}")),
+            other => self.event(other),
+        }
+    }
+}
+
 /// The one-screen summary of a build.
 pub fn build_summary(out: &Output, r: &crate::build::BuildReport) {
+    if !r.platforms.is_empty() {
+        return index_summary(out, r);
+    }
     out.say(&format!(
         "built {} {} ({} layers, {:.1} MB, new layer via {}, cache {})",
         r.reference,
@@ -210,6 +233,36 @@ pub fn build_summary(out: &Output, r: &crate::build::BuildReport) {
                 s.seconds
             ));
         }
+    }
+    let times: Vec<String> = r
+        .stages
+        .iter()
+        .map(|s| format!("{} {:.1}s", s.stage, s.seconds))
+        .collect();
+    out.say(&format!("stages: {}", times.join(", ")));
+}
+
+/// The summary of a multi-platform build: the index, then a line per platform.
+fn index_summary(out: &Output, r: &crate::build::BuildReport) {
+    out.say(&format!(
+        "built {} {} (index of {} platforms, {:.1} MB, cache {})",
+        r.reference,
+        r.manifest.digest,
+        r.platforms.len(),
+        r.total_size as f64 / 1e6,
+        r.cache
+    ));
+    for p in &r.platforms {
+        out.say(&format!(
+            "  {:<12} {} ({} layers, new layer via {}, cache {}, {:.1}s on {})",
+            p.platform,
+            p.manifest.digest,
+            p.layers.len(),
+            p.layer_path,
+            p.cache,
+            p.seconds,
+            p.engine
+        ));
     }
     let times: Vec<String> = r
         .stages

@@ -9,9 +9,11 @@ use anyhow::Context;
 use super::args::{BuildArgs, GlobalArgs, LoginArgs, PushArgs};
 use super::InputError;
 use crate::auth::Secret;
+use crate::oci::Platform;
 use crate::publish::{push_tags, EcrPushOptions, PushTarget, TargetKind};
 use crate::reference::Reference;
 use crate::registry::{Client, ClientOptions};
+use crate::runtime::EngineEndpoint;
 use crate::sign::{KmsKeyRef, KmsSigner, PrivateKey, Signer};
 use crate::spec::ImageSpec;
 
@@ -257,6 +259,65 @@ pub async fn build_client(
         );
     }
     Ok((client(opts)?, cache_repo))
+}
+
+/// One `--engine PLATFORM=DOCKER_HOST_URL`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineFlag {
+    /// The platform it builds.
+    pub platform: Platform,
+    /// Where its engine listens (and its TLS files).
+    pub endpoint: EngineEndpoint,
+}
+
+/// The `--engine` flags, each for a platform image.yaml builds (`platform:` or `platforms:`),
+/// none twice; URLs follow `DOCKER_HOST`'s rules, TLS variables read through `var`.
+pub fn engine_flags(
+    flags: &[String],
+    spec: &ImageSpec,
+    var: impl Fn(&str) -> Option<String>,
+) -> Result<Vec<EngineFlag>, InputError> {
+    let built: Vec<Platform> = match spec.index_platforms() {
+        Some(list) => list,
+        None => spec
+            .platform
+            .as_deref()
+            .and_then(Platform::parse)
+            .into_iter()
+            .collect(),
+    };
+    let mut out: Vec<EngineFlag> = Vec::new();
+    for raw in flags {
+        let bad = |why: String| InputError::new(format!("--engine {raw}: {why}"));
+        let (platform, url) = raw.split_once('=').ok_or_else(|| {
+            bad("expected PLATFORM=DOCKER_HOST_URL, e.g. linux/arm64=tcp://HOST:2376".into())
+        })?;
+        let platform = Platform::parse(platform)
+            .ok_or_else(|| bad(format!("{platform:?} is not os/arch[/variant]")))?;
+        let Some(p) = built.iter().find(|b| b.to_string() == platform.to_string()) else {
+            let listed: Vec<String> = built.iter().map(Platform::to_string).collect();
+            return Err(bad(match listed.is_empty() {
+                true => "image.yaml names no platform: set platform: or platforms:".into(),
+                false => format!(
+                    "image.yaml does not build {platform} (it builds {})",
+                    listed.join(", ")
+                ),
+            }));
+        };
+        if out.iter().any(|f| f.platform == *p) {
+            return Err(bad(format!("a second engine for {p}")));
+        }
+        let endpoint = EngineEndpoint::from_vars(|k| match k {
+            "DOCKER_HOST" => Some(url.to_string()),
+            other => var(other),
+        })
+        .map_err(|e| InputError::caused(format!("--engine {raw}"), e))?;
+        out.push(EngineFlag {
+            platform: p.clone(),
+            endpoint,
+        });
+    }
+    Ok(out)
 }
 
 /// Cancelled on SIGINT/SIGTERM.

@@ -6,7 +6,7 @@ mod attach;
 mod target;
 
 pub use attach::{AttachReport, Attachments, SbomAttachment, SignatureAttachment};
-pub use target::{push_tags, PushDetails, PushOutcome, PushTarget, TargetKind};
+pub use target::{index_entries, push_tags, PushDetails, PushOutcome, PushTarget, TargetKind};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -305,7 +305,7 @@ pub async fn push_to_ecr(
     };
     let scan = match opts.wait_scan {
         Some(timeout) => {
-            let s = client.wait_scan(&repo, &manifest.digest, timeout).await?;
+            let s = wait_scans(&client, &repo, layout, manifest, timeout).await?;
             if let Some(sev) = opts.fail_on {
                 if s.exceeds(sev) {
                     return Err(PublishError::Findings {
@@ -369,6 +369,33 @@ fn check_attachment_tags(
         });
     }
     Ok(())
+}
+
+/// The scan of the pushed image; of an index, every platform's image's scans added up (ECR
+/// scans images, not indexes).
+async fn wait_scans(
+    client: &EcrClient,
+    repo: &ecr::EcrRepo,
+    layout: &Layout,
+    manifest: &Descriptor,
+    timeout: Duration,
+) -> Result<ScanSummary, EcrError> {
+    let entries = index_entries(layout, manifest);
+    if entries.is_empty() {
+        return client.wait_scan(repo, &manifest.digest, timeout).await;
+    }
+    let mut all = ScanSummary {
+        status: String::new(),
+        counts: Default::default(),
+    };
+    for e in &entries {
+        let s = client.wait_scan(repo, &e.digest, timeout).await?;
+        all.status = s.status;
+        for (severity, n) in s.counts {
+            *all.counts.entry(severity).or_default() += n;
+        }
+    }
+    Ok(all)
 }
 
 /// Turn a registry error of an ECR push into a helpful one, by ECR's error codes.

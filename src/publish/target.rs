@@ -84,6 +84,8 @@ pub struct PushOutcome {
     pub tags: Vec<String>,
     /// Wall time in seconds.
     pub seconds: f64,
+    /// An index's entries: each platform's manifest (empty for one image).
+    pub platforms: Vec<Descriptor>,
     /// The destination's own report.
     pub details: PushDetails,
     /// The SBOMs and signature pushed with the image.
@@ -108,6 +110,9 @@ impl Serialize for PushOutcome {
         m.serialize_entry("digest", &self.digest)?;
         if let Some(a) = &self.attachments {
             m.serialize_entry("attachments", a)?;
+        }
+        if !self.platforms.is_empty() {
+            m.serialize_entry("platforms", &self.platforms)?;
         }
         m.end()
     }
@@ -209,6 +214,7 @@ impl PushTarget {
                     repository: repository.repo_path(),
                     tags: report.tags.clone(),
                     seconds: 0.0,
+                    platforms: Vec::new(),
                     details: PushDetails::Registry(report),
                     attachments: attached,
                 }
@@ -230,16 +236,33 @@ impl PushTarget {
                     tags: self.tags.clone(),
                     seconds: 0.0,
                     attachments: attached,
+                    platforms: Vec::new(),
                     details: PushDetails::Ecr(report),
                 }
             }
         };
         outcome.seconds = started.elapsed().as_secs_f64();
+        outcome.platforms = index_entries(layout, manifest);
         reporter.event(Event::StageFinish {
             stage: "push".into(),
             seconds: outcome.seconds,
         });
         Ok(outcome)
+    }
+}
+
+/// The entries of `manifest` when it is an index of the layout (each platform's image).
+pub fn index_entries(layout: &Layout, manifest: &Descriptor) -> Vec<Descriptor> {
+    if !crate::oci::is_index_media_type(&manifest.media_type) {
+        return Vec::new();
+    }
+    let parsed = layout
+        .read_blob(&manifest.digest)
+        .ok()
+        .and_then(|raw| crate::oci::Manifest::parse(&raw, Some(&manifest.media_type)).ok());
+    match parsed {
+        Some(crate::oci::Manifest::Index(i)) => i.manifests,
+        _ => Vec::new(),
     }
 }
 

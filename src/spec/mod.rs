@@ -176,6 +176,9 @@ pub struct ImageSpec {
     pub base: String,
     /// Optional: platform os/arch[/variant]; picks the base's manifest from an index.
     pub platform: Option<String>,
+    /// Optional: platforms os/arch[/variant] to build, each from the base's manifest for it;
+    /// the result is an OCI image index (not with `platform`).
+    pub platforms: Option<Vec<String>>,
     /// Optional: defaults for ${VAR} (they may use ${ENV}); --var and --var-file beat them.
     pub variables: Option<BTreeMap<String, String>>,
     /// Required: the Ansible provisioning.
@@ -451,6 +454,16 @@ impl ImageSpec {
     /// `NAME:TAG` as stored in the local layout.
     pub fn local_ref(&self) -> String {
         format!("{}:{}", self.name, self.local_tag())
+    }
+
+    /// The platforms of a multi-platform build (`platforms:`); `None` for a single image.
+    pub fn index_platforms(&self) -> Option<Vec<crate::oci::Platform>> {
+        let list = self.platforms.as_ref()?;
+        Some(
+            list.iter()
+                .filter_map(|p| crate::oci::Platform::parse(p))
+                .collect(),
+        )
     }
 
     /// The `image:` settings (empty when absent).

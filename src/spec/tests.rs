@@ -405,3 +405,58 @@ fn steps_problems_are_reported_with_lines() {
         "{e}"
     );
 }
+
+#[test]
+fn platforms_list_builds_an_index() {
+    let (_d, r) = load_str(&format!(
+        "{MINIMAL}platforms: [linux/amd64, linux/arm64, linux/arm/v7]\n"
+    ));
+    let s = r.unwrap();
+    let p: Vec<String> = s
+        .index_platforms()
+        .unwrap()
+        .iter()
+        .map(|p| p.to_string())
+        .collect();
+    assert_eq!(p, ["linux/amd64", "linux/arm64", "linux/arm/v7"]);
+    let (_d, r) = load_str(MINIMAL);
+    assert!(r.unwrap().index_platforms().is_none());
+    assert!(json_schema()["properties"].get("platforms").is_some());
+}
+
+#[test]
+fn platforms_are_checked_with_their_lines() {
+    let (_d, r) = load_str(&format!(
+        "{MINIMAL}platform: linux/amd64\nplatforms:\n  - linux/amd64\n  - linux\n  - Linux/ARM64\n  - linux/amd64\n"
+    ));
+    let e = r.unwrap_err();
+    let s = e.to_string();
+    assert!(
+        s.contains("image.yaml:7:3: platforms: platform and platforms are mutually exclusive"),
+        "{s}"
+    );
+    assert!(
+        s.contains(
+            "image.yaml:8:5: platforms[1]: invalid platform \"linux\": expected os/arch[/variant]"
+        ),
+        "{s}"
+    );
+    assert!(
+        s.contains(":9:5: platforms[2]: invalid platform \"Linux/ARM64\""),
+        "{s}"
+    );
+    assert!(
+        s.contains(":10:5: platforms[3]: platform \"linux/amd64\" is listed twice"),
+        "{s}"
+    );
+    assert_eq!(e.problems().len(), 4, "{s}");
+    let (_d, r) = load_str(&format!("{MINIMAL}platforms: []\n"));
+    let s = r.unwrap_err().to_string();
+    assert!(
+        s.contains("platforms: at least one platform is needed"),
+        "{s}"
+    );
+    let (_d, r) = load_str(&format!("{MINIMAL}platform: linux/amd64/\n"));
+    let s = r.unwrap_err().to_string();
+    assert!(s.contains(":5:11: platform: invalid platform"), "{s}");
+}

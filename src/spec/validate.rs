@@ -121,13 +121,51 @@ fn top_level(spec: &ImageSpec, c: &mut Checks<'_>) {
         c.bad(&at, msg);
     }
     if let Some(p) = &spec.platform {
-        let at = KeyPath::root().key("platform");
-        if crate::oci::Platform::parse(p).is_none() {
-            let msg = format!(
-                "invalid platform {}: expected os/arch[/variant], e.g. linux/amd64",
-                c.quote(&at, p)
-            );
-            c.bad(&at, msg);
+        platform(p, &KeyPath::root().key("platform"), c);
+    }
+    if let Some(list) = &spec.platforms {
+        platforms(list, spec.platform.is_some(), c);
+    }
+}
+
+/// `os/arch[/variant]`, each part lower-case letters, digits or `_`.
+fn platform(p: &str, at: &KeyPath, c: &mut Checks<'_>) {
+    let part_ok = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    };
+    let ok = crate::oci::Platform::parse(p).is_some() && p.split('/').all(part_ok);
+    if !ok {
+        let msg = format!(
+            "invalid platform {}: expected os/arch[/variant], e.g. linux/amd64 or linux/arm64",
+            c.quote(at, p)
+        );
+        c.bad(at, msg);
+    }
+}
+
+/// `platforms:`: at least one, each valid, none twice, and not with `platform:`.
+fn platforms(list: &[String], with_platform: bool, c: &mut Checks<'_>) {
+    let at = KeyPath::root().key("platforms");
+    if with_platform {
+        c.bad(
+            &at,
+            "platform and platforms are mutually exclusive: use platforms for an index, \
+             platform for one image"
+                .into(),
+        );
+    }
+    if list.is_empty() {
+        c.bad(&at, "at least one platform is needed".into());
+    }
+    for (i, p) in list.iter().enumerate() {
+        let here = at.index(i);
+        platform(p, &here, c);
+        let key = |q: &str| crate::oci::Platform::parse(q).map(|q| q.to_string());
+        if key(p).is_some() && list[..i].iter().any(|q| key(q) == key(p)) {
+            let msg = format!("platform {} is listed twice", c.quote(&here, p));
+            c.bad(&here, msg);
         }
     }
 }

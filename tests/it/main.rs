@@ -16,6 +16,7 @@ mod engine_tcp;
 mod inspect;
 mod layer;
 mod layer_docker;
+mod platforms;
 mod push_cli;
 mod registry;
 mod registry_bench;
