@@ -77,6 +77,16 @@ pub enum Event {
         /// The message.
         message: String,
     },
+    /// Something a dead build left behind was removed (at the start of a build, or by
+    /// `wpimg prune`).
+    Removed {
+        /// `container`, `image`, `process`, `temp-file` or `temp-dir`.
+        kind: String,
+        /// Its name.
+        name: String,
+        /// Why it was left over.
+        reason: String,
+    },
 }
 
 /// Receives events. Implementations must be cheap and never block for long.
@@ -149,6 +159,14 @@ mod tests {
                     message: "w".into(),
                 },
                 r#"{"event":"warning","message":"w"}"#,
+            ),
+            (
+                Event::Removed {
+                    kind: "container".into(),
+                    name: "c".into(),
+                    reason: "r".into(),
+                },
+                r#"{"event":"removed","kind":"container","name":"c","reason":"r"}"#,
             ),
         ];
         for (e, want) in cases {

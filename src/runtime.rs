@@ -112,6 +112,17 @@ pub struct ContainerSpec {
     pub platform: Option<String>,
 }
 
+/// A container or image with its labels.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Labelled {
+    /// Its ID.
+    pub id: String,
+    /// Its name (containers; images: empty).
+    pub name: String,
+    /// Its labels.
+    pub labels: HashMap<String, String>,
+}
+
 /// The container engine operations wpimg needs.
 #[async_trait::async_trait]
 pub trait Engine: Send + Sync {
@@ -137,6 +148,12 @@ pub trait Engine: Send + Sync {
     async fn remove_image(&self, image: &str) -> Result<(), RuntimeError>;
     /// Names of containers carrying a label.
     async fn containers_with_label(&self, label: &str) -> Result<Vec<String>, RuntimeError>;
+    /// Containers (running or not) carrying a label, with their labels.
+    async fn labelled_containers(&self, label: &str) -> Result<Vec<Labelled>, RuntimeError>;
+    /// Images carrying a label, with their labels.
+    async fn labelled_images(&self, label: &str) -> Result<Vec<Labelled>, RuntimeError>;
+    /// Rename a container.
+    async fn rename(&self, id: &str, name: &str) -> Result<(), RuntimeError>;
 }
 
 /// Where the engine listens when `DOCKER_HOST` is not set.
@@ -495,6 +512,62 @@ impl Engine for DockerEngine {
             .map(|n| n.trim_start_matches('/').to_string())
             .collect())
     }
+
+    async fn labelled_containers(&self, label: &str) -> Result<Vec<Labelled>, RuntimeError> {
+        let filters = HashMap::from([("label".to_string(), vec![label.to_string()])]);
+        let opts = ListContainersOptionsBuilder::default()
+            .all(true)
+            .filters(&filters)
+            .build();
+        let list = self
+            .docker
+            .list_containers(Some(opts))
+            .await
+            .map_err(api("list containers"))?;
+        Ok(list
+            .into_iter()
+            .map(|c| Labelled {
+                id: c.id.unwrap_or_default(),
+                name: c
+                    .names
+                    .and_then(|n| n.into_iter().next())
+                    .map(|n| n.trim_start_matches('/').to_string())
+                    .unwrap_or_default(),
+                labels: c.labels.unwrap_or_default(),
+            })
+            .collect())
+    }
+
+    async fn labelled_images(&self, label: &str) -> Result<Vec<Labelled>, RuntimeError> {
+        let filters = HashMap::from([("label".to_string(), vec![label.to_string()])]);
+        let opts = bollard::query_parameters::ListImagesOptionsBuilder::default()
+            .all(true)
+            .filters(&filters)
+            .build();
+        let list = self
+            .docker
+            .list_images(Some(opts))
+            .await
+            .map_err(api("list images"))?;
+        Ok(list
+            .into_iter()
+            .map(|i| Labelled {
+                id: i.id,
+                name: String::new(),
+                labels: i.labels,
+            })
+            .collect())
+    }
+
+    async fn rename(&self, id: &str, name: &str) -> Result<(), RuntimeError> {
+        let opts = bollard::query_parameters::RenameContainerOptionsBuilder::default()
+            .name(name)
+            .build();
+        self.docker
+            .rename_container(id, opts)
+            .await
+            .map_err(api(format!("rename container {id} to {name}")))
+    }
 }
 
 /// A fake engine that records calls, for unit tests of the build stages.
@@ -586,6 +659,18 @@ impl Engine for FakeEngine {
     async fn containers_with_label(&self, label: &str) -> Result<Vec<String>, RuntimeError> {
         self.record(format!("containers_with_label {label}"));
         Ok(vec![])
+    }
+    async fn labelled_containers(&self, label: &str) -> Result<Vec<Labelled>, RuntimeError> {
+        self.record(format!("labelled_containers {label}"));
+        Ok(vec![])
+    }
+    async fn labelled_images(&self, label: &str) -> Result<Vec<Labelled>, RuntimeError> {
+        self.record(format!("labelled_images {label}"));
+        Ok(vec![])
+    }
+    async fn rename(&self, id: &str, name: &str) -> Result<(), RuntimeError> {
+        self.record(format!("rename {id} {name}"));
+        Ok(())
     }
 }
 

@@ -82,6 +82,8 @@ pub fn key(
         }
     }
     files.sort();
+    // A secret's file never goes into the key: its value must not change it.
+    files.retain(|(_, abs)| !is_secret_file(spec, abs));
     for (rel, abs) in files {
         let meta = fs_err::symlink_metadata(&abs)?;
         let kind = if meta.file_type().is_symlink() {
@@ -107,6 +109,15 @@ pub fn key(
         }
     }
     Ok(hex::encode(h.finalize()))
+}
+
+fn is_secret_file(spec: &ImageSpec, path: &Path) -> bool {
+    let canonical = |p: &Path| fs_err::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let path = canonical(path);
+    spec.source
+        .secret_files
+        .iter()
+        .any(|s| canonical(s) == path)
 }
 
 fn portable_spec(spec: &ImageSpec) -> serde_json::Value {

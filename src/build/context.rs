@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use super::extract::LayerPath;
 use super::stage::Stages;
 use super::BuildError;
+use crate::events::Event;
 use crate::events::SharedReporter;
 use crate::layout::Layout;
 use crate::oci::Descriptor;
@@ -18,7 +19,11 @@ use crate::provision::{AnsiblePlaybook, Provisioner};
 use crate::reference::Reference;
 use crate::registry::{BlobStream, Client, StreamWriter};
 use crate::runtime::Engine;
+use crate::secrets::{LeakFound, LeakScanner, MIN_SCANNED_LEN};
 use crate::spec::ImageSpec;
+
+/// How long a failed build waits for the registry to discard its streamed upload.
+const DISCARD_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Options of a build that do not come from image.yaml.
 #[derive(Debug, Clone, Default)]
@@ -76,6 +81,7 @@ pub struct BuildContext<'a> {
     layout: Layout,
     stages: Stages,
     layer_upload: Mutex<Option<LayerUpload>>,
+    leak_scan: Option<Arc<LeakScanner>>,
 }
 
 impl<'a> BuildContext<'a> {
@@ -87,7 +93,17 @@ impl<'a> BuildContext<'a> {
         options: BuildOptions,
         reporter: SharedReporter,
     ) -> Result<Self, BuildError> {
+        let secrets = &spec.source.secret_values;
+        for name in secrets.too_short() {
+            reporter.event(Event::Warning {
+                message: format!(
+                    "secret {name:?} is shorter than {MIN_SCANNED_LEN} bytes: the new layers and \
+                     the config are not scanned for it"
+                ),
+            });
+        }
         Ok(Self {
+            leak_scan: LeakScanner::new(secrets),
             layout: Layout::open_or_create(&options.oci_dir)?,
             stages: Stages::new(reporter.clone()),
             spec,
@@ -136,6 +152,35 @@ impl<'a> BuildContext<'a> {
         &self.stages
     }
 
+    /// Cancelled on SIGINT/SIGTERM.
+    pub fn cancel_token(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+
+    /// Where a run's private files go (`tmp/` of the layout): never the system temp dir.
+    pub fn state_dir(&self) -> PathBuf {
+        self.layout.dir().join("tmp")
+    }
+
+    /// The scanner for the build's secrets (none without secrets long enough to scan for).
+    pub fn leak_scanner(&self) -> Option<Arc<LeakScanner>> {
+        self.leak_scan.clone()
+    }
+
+    /// Fail when a build secret is in an image's config (before the config is stored).
+    pub fn scan_config(&self, image: &crate::oci::Image) -> Result<(), LeakFound> {
+        let Some(scanner) = &self.leak_scan else {
+            return Ok(());
+        };
+        match scanner.find_in_json(&image.raw_config) {
+            Some((hit, path)) => Err(LeakFound {
+                secret: hit.secret.to_string(),
+                location: format!("the image config ({path})"),
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// Run `f` unless the build is cancelled first (then [`BuildError::Interrupted`]; `f` is
     /// dropped, which kills a running ansible-playbook).
     pub async fn cancellable<T>(&self, f: impl Future<Output = T>) -> Result<T, BuildError> {
@@ -179,6 +224,16 @@ impl<'a> BuildContext<'a> {
     pub(crate) fn abort_layer_upload(&self) {
         if let Some(u) = self.layer_upload.lock().ok().and_then(|mut u| u.take()) {
             u.stream.abort();
+        }
+    }
+
+    /// Give the streamed upload up after a failed or interrupted build, and wait until the
+    /// registry was told to discard it.
+    pub async fn discard_layer_upload(&self) {
+        let upload = self.layer_upload.lock().ok().and_then(|mut u| u.take());
+        if let Some(LayerUpload { writer, stream }) = upload {
+            drop(writer);
+            stream.discard(DISCARD_DEADLINE).await;
         }
     }
 }

@@ -38,7 +38,9 @@ pub struct Extraction<'a> {
 }
 
 impl Extraction<'_> {
-    /// Read the (stopped) container's changes into a layer blob.
+    /// Read the (stopped) container's changes into a layer blob. Cancellation (`opts.cancel`)
+    /// is handled here, not by dropping this future: the layer writer stops and its temp blob is
+    /// gone, and a committed image is removed, before [`BuildError::Interrupted`] comes back.
     pub async fn layer(
         &self,
         container: &BuildContainer,
@@ -47,6 +49,7 @@ impl Extraction<'_> {
         match self.upper_dir(container).await? {
             Some(dir) => {
                 let layout = self.layout.clone();
+                // The writer checks `opts.cancel` between pieces: awaited to its end, never dropped.
                 let info = tokio::task::spawn_blocking(move || {
                     crate::layer::layer_from_dir(&dir, &layout, &opts)
                 })
@@ -103,14 +106,21 @@ impl Extraction<'_> {
     ) -> Result<LayerInfo, BuildError> {
         use futures_util::StreamExt;
         use std::io::Write;
-        let mut tmp = tempfile::Builder::new()
-            .prefix("wpimg-save-")
-            .tempfile_in(self.layout.dir())?;
+        let mut tmp = self.layout.ingest_file("save")?;
         let mut s = self.engine.save(image);
-        while let Some(chunk) = s.next().await {
-            tmp.write_all(&chunk?)?;
+        let save = async {
+            while let Some(chunk) = s.next().await {
+                tmp.write_all(&chunk?)?;
+            }
+            tmp.flush()
+        };
+        match &opts.cancel {
+            Some(cancel) => tokio::select! {
+                r = save => r?,
+                _ = cancel.cancelled() => return Err(BuildError::Interrupted),
+            },
+            None => save.await?,
         }
-        tmp.flush()?;
         let layout = self.layout.clone();
         tokio::task::spawn_blocking(move || -> Result<LayerInfo, BuildError> {
             let mut f = tmp.reopen()?;

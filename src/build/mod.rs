@@ -92,6 +92,9 @@ pub enum BuildError {
     /// Interrupted by a signal.
     #[error("interrupted; build container removed")]
     Interrupted,
+    /// A build secret is in the image (nothing is tagged or cached).
+    #[error(transparent)]
+    Leak(#[from] crate::secrets::LeakFound),
     /// A worker thread failed.
     #[error("a worker thread failed")]
     Task(#[from] tokio::task::JoinError),
@@ -106,7 +109,9 @@ impl HasKind for BuildError {
             BuildError::BadReference { .. } | BuildError::LayerPathUnavailable { .. } => {
                 ErrorKind::BadInput
             }
-            BuildError::Interrupted => ErrorKind::Interrupted,
+            BuildError::Interrupted | BuildError::Layer(crate::layer::LayerError::Interrupted) => {
+                ErrorKind::Interrupted
+            }
             BuildError::Pull { source, .. } => source.kind(),
             _ => ErrorKind::Failure,
         }
@@ -183,6 +188,7 @@ pub async fn build_platform(
         .stage("assemble", async {
             let image = assemble(&base.image, &outcomes, &ctx.spec.image_settings())
                 .map_err(|source| base_error(ctx, source))?;
+            ctx.scan_config(&image)?;
             ctx.layout().write_image(&image)?;
             Ok::<_, BuildError>(image)
         })

@@ -232,17 +232,13 @@ impl StepRun<'_> {
             .map(|_| self.platform.to_string());
         let spec = BuildContainer::spec(&self.parent.config_id(), &self.ctx.spec.name, platform);
         let container = BuildContainer::start(self.ctx.engine.clone(), &spec).await?;
-        let produced = self
-            .ctx
-            .cancellable(self.provision_and_read(&container, provisioning))
-            .await
-            .and_then(|r| r);
+        let produced = self.provision_and_read(&container, provisioning).await;
         let keep =
             self.ctx.options.keep_on_error && matches!(produced, Err(BuildError::Provision { .. }));
         match produced {
             Err(BuildError::Provision { source, .. }) if keep => Err(BuildError::Provision {
                 source,
-                kept: Some(container.keep()),
+                kept: Some(container.keep().await),
             }),
             other => {
                 container.remove().await?;
@@ -257,10 +253,11 @@ impl StepRun<'_> {
         provisioning: StageTimer<'_>,
     ) -> Result<(LayerInfo, LayerSource), BuildError> {
         let run = self.provision_run(container.name());
+        // Dropped when cancelled (ansible-playbook is killed); the layer read below handles
+        // cancellation itself, so that its temp files are gone when it returns.
         self.ctx
-            .provisioner()
-            .run(&run, &self.ctx.reporter)
-            .await
+            .cancellable(self.ctx.provisioner().run(&run, &self.ctx.reporter))
+            .await?
             .map_err(|source| BuildError::Provision { source, kept: None })?;
         provisioning.finish();
 
@@ -289,6 +286,8 @@ impl StepRun<'_> {
             env: self.step.env.clone(),
             docker_host: self.ctx.options.docker_host.clone(),
             docker_tls_cert_dir: self.ctx.options.docker_tls_cert_dir.clone(),
+            secrets: self.ctx.spec.source.secret_values.clone(),
+            state_dir: self.ctx.state_dir(),
         }
     }
 
@@ -305,6 +304,8 @@ impl StepRun<'_> {
                 .take_layer_writer()
                 .map(Tee::new)
                 .unwrap_or_default(),
+            cancel: Some(self.ctx.cancel_token()),
+            leak_scan: self.ctx.leak_scanner(),
         }
     }
 }

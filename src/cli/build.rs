@@ -9,7 +9,10 @@ use super::args::{BuildArgs, GlobalArgs};
 use super::output::{build_summary, engine_note, Output};
 use super::{push, settings};
 use crate::build::{BuildContext, BuildOptions, BuildReport, LayerUpload};
+use crate::error::{ErrorKind, HasKind};
 use crate::events::SharedReporter;
+use crate::layout::Layout;
+use crate::oci::Descriptor;
 use crate::provenance::{git_revision, BuildManifest};
 use crate::publish::PushOutcome;
 use crate::runtime::{DockerEngine, Engine};
@@ -27,6 +30,7 @@ struct BuildResult<'a> {
 
 /// Run `wpimg build`.
 pub async fn run(g: &GlobalArgs, b: &BuildArgs, out: &Arc<Output>) -> anyhow::Result<()> {
+    let cancel = settings::cancel_on_signal()?;
     let rep: SharedReporter = out.clone();
     let spec = settings::load_spec(g, &b.image_yaml)?;
     let engine = DockerEngine::connect().await?;
@@ -51,22 +55,40 @@ pub async fn run(g: &GlobalArgs, b: &BuildArgs, out: &Arc<Output>) -> anyhow::Re
             .then(|| engine.host().to_string()),
         docker_tls_cert_dir: engine.endpoint().tls_cert_dir.clone(),
     };
+    super::prune::collect(&engine, Some(&options.oci_dir), &rep).await;
     let engine: Arc<dyn Engine> = Arc::new(engine);
     let mut ctx = BuildContext::new(&spec, engine, &client, options, rep.clone())?
-        .with_cancel(settings::cancel_on_signal());
+        .with_cancel(cancel.clone());
     let stream = target.as_ref().filter(|_| !b.no_stream);
     if let Some((writer, stream)) = stream.and_then(|t| t.stream_blob(&rep)) {
         ctx = ctx.with_layer_upload(LayerUpload::new(writer, stream));
     }
-    let report = crate::build::build(&ctx)
-        .await
-        .with_context(|| format!("build {}", b.image_yaml.display()))?;
+    let tag = TagBefore::read(ctx.layout(), spec.local_ref());
+    let built = crate::build::build(&ctx).await;
+    if built.is_err() {
+        ctx.discard_layer_upload().await;
+    }
     let layout = ctx.layout().clone();
     drop(ctx);
+    let report = match built {
+        Ok(r) => r,
+        Err(e) => {
+            if e.kind() == ErrorKind::Interrupted {
+                tag.restore(&layout)?;
+            }
+            return Err(anyhow::Error::new(e).context(format!("build {}", b.image_yaml.display())));
+        }
+    };
     build_summary(out, &report);
 
     let pushed = match &target {
-        Some(t) => Some(push::push(t, &layout, &report.manifest, out).await?),
+        Some(t) => match push::push_until(t, &layout, &report.manifest, out, &cancel).await {
+            Err(e) if crate::error::kind_of(&e) == ErrorKind::Interrupted => {
+                tag.restore(&layout)?;
+                return Err(e);
+            }
+            r => Some(r?),
+        },
         None => None,
     };
     if let Some(path) = &b.manifest {
@@ -82,4 +104,35 @@ pub async fn run(g: &GlobalArgs, b: &BuildArgs, out: &Arc<Output>) -> anyhow::Re
     };
     out.result("build", &result);
     Ok(())
+}
+
+/// The layout's `NAME:TAG` before the build: an interrupted build or push puts it back, so that
+/// no tag of an unfinished build is left.
+struct TagBefore {
+    reference: String,
+    previous: Option<Descriptor>,
+}
+
+impl TagBefore {
+    fn read(layout: &Layout, reference: String) -> Self {
+        let previous = layout.resolve(&reference).ok();
+        Self {
+            reference,
+            previous,
+        }
+    }
+
+    fn restore(&self, layout: &Layout) -> anyhow::Result<()> {
+        match &self.previous {
+            Some(d) => layout.tag(&self.reference, d),
+            None => layout.untag(&self.reference),
+        }
+        .with_context(|| {
+            format!(
+                "restore tag {} in {}",
+                self.reference,
+                layout.dir().display()
+            )
+        })
+    }
 }

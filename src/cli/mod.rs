@@ -5,6 +5,7 @@ pub mod args;
 mod build;
 mod inspect;
 pub mod output;
+mod prune;
 mod push;
 mod schema;
 pub mod settings;
@@ -13,7 +14,8 @@ mod validate;
 use std::sync::Arc;
 
 pub use args::{
-    BuildArgs, Cli, Command, GlobalArgs, InspectCmd, LoginArgs, PushArgs, PushCmd, ValidateArgs,
+    BuildArgs, Cli, Command, GlobalArgs, InspectCmd, LoginArgs, PruneArgs, PushArgs, PushCmd,
+    ValidateArgs,
 };
 pub use output::Output;
 
@@ -76,6 +78,7 @@ async fn dispatch(cli: &Cli, out: &Arc<Output>) -> anyhow::Result<()> {
         Command::Push(p) => push::run(g, p, out).await,
         Command::Inspect(i) => inspect::run(g, i, out).await,
         Command::Schema => schema::run(),
+        Command::Prune(p) => prune::run(g, p, out).await,
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(*shell, &mut cmd, "wpimg", &mut std::io::stdout());

@@ -217,21 +217,19 @@ pub async fn build_client(
     Ok((client(opts)?, cache_repo))
 }
 
-/// Cancelled on SIGINT/SIGTERM.
-pub fn cancel_on_signal() -> tokio_util::sync::CancellationToken {
+/// Cancelled on SIGINT/SIGTERM (the handlers are in place when this returns).
+pub fn cancel_on_signal() -> std::io::Result<tokio_util::sync::CancellationToken> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
     let token = tokio_util::sync::CancellationToken::new();
     let t = token.clone();
     tokio::spawn(async move {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => return,
-            };
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {},
+            _ = int.recv() => {},
             _ = term.recv() => {},
         }
         t.cancel();
     });
-    token
+    Ok(token)
 }

@@ -153,6 +153,9 @@ impl fmt::Display for KeyPath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (i, s) in self.0.iter().enumerate() {
             match s {
+                // A key holding control characters (NUL, newline) is shown escaped and quoted.
+                Segment::Key(k) if k.contains(char::is_control) && i == 0 => write!(f, "{k:?}")?,
+                Segment::Key(k) if k.contains(char::is_control) => write!(f, ".{k:?}")?,
                 Segment::Key(k) if i == 0 => write!(f, "{k}")?,
                 Segment::Key(k) => write!(f, ".{k}")?,
                 Segment::Index(n) => write!(f, "[{n}]")?,
@@ -184,6 +187,10 @@ pub struct ImageSpec {
     pub layer: Option<LayerSettings>,
     /// Optional: where `wpimg push` goes.
     pub target: Option<Target>,
+    /// Optional: build secrets by name, each `{ env: NAME }` or `{ file: PATH }` (relative to
+    /// image.yaml); the play gets each as a variable of that name, from a private file. Their
+    /// values never reach the layer, the config, logs, JSON or the cache key.
+    pub secrets: Option<BTreeMap<String, SecretSource>>,
     /// Where the spec came from (not a key of image.yaml).
     #[serde(skip_deserializing)]
     #[schemars(skip)]
@@ -203,6 +210,22 @@ pub struct SpecSource {
     /// Keys whose value came from the environment or a variables file: never shown.
     #[serde(skip)]
     pub secret: BTreeSet<KeyPath>,
+    /// The values of `secrets:`, read when the spec is loaded.
+    #[serde(skip)]
+    pub secret_values: crate::secrets::Secrets,
+    /// The files `secrets:` reads (left out of the cache key).
+    #[serde(skip)]
+    pub secret_files: Vec<PathBuf>,
+}
+
+/// Where a build secret's value comes from: exactly one of `env` and `file`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SecretSource {
+    /// Optional: the environment variable holding the value.
+    pub env: Option<String>,
+    /// Optional: the file holding the value (UTF-8 text), relative to image.yaml.
+    pub file: Option<PathBuf>,
 }
 
 /// `provision:` section.
@@ -579,6 +602,7 @@ pub fn load(path: &Path, ov: &Overrides) -> Result<ImageSpec, SpecError> {
         dir: dir.clone(),
         raw: text,
         secret,
+        ..Default::default()
     };
     let mut checks = validate::Checks::new(path, &found.locations, &mut problems);
     validate::check(&mut spec, &dir, &mut checks);
