@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
+use super::verify;
 use crate::events::{Event, SharedReporter};
 use crate::layout::{write_atomic, Layout};
 use crate::oci::{Addendum, Descriptor, Digest, Image, Platform};
@@ -188,10 +189,14 @@ pub struct Cache<'a> {
 }
 
 impl Cache<'_> {
-    /// The entry for `key`: the layout's, else the cache repository's (stored locally then).
+    /// The entry for `key`: the layout's (its blob verified first), else the cache
+    /// repository's (stored locally then).
     pub async fn lookup(&self, key: &str, platform: &Platform) -> Option<CacheEntry> {
         if let Some(e) = lookup(self.layout, key) {
-            return Some(e);
+            match verify::verify_cached_blob(self.layout, &e.layer) {
+                Ok(()) => return Some(e),
+                Err(problem) => self.drop_bad_entry(&e, problem),
+            }
         }
         let repo = self.repository?;
         match self.lookup_remote(repo, key, platform).await {
@@ -203,6 +208,19 @@ impl Cache<'_> {
                 None
             }
         }
+    }
+
+    /// Drop an entry whose layer blob is bad (the step is rebuilt), with a warning.
+    fn drop_bad_entry(&self, e: &CacheEntry, problem: verify::BlobProblem) {
+        self.reporter.event(Event::Warning {
+            message: format!(
+                "cache entry {}: layer {} is corrupt ({problem}): dropped, rebuilding the step",
+                &e.key[..12.min(e.key.len())],
+                e.layer.digest
+            ),
+        });
+        verify::forget(self.layout, &e.layer.digest);
+        let _ = fs_err::remove_file(entry_path(self.layout, &e.key));
     }
 
     /// Whether entries are also pushed to a cache repository.
@@ -327,8 +345,9 @@ pub fn lookup(layout: &Layout, key: &str) -> Option<CacheEntry> {
     (e.key == key && layout.has_blob(&e.layer.digest)).then_some(e)
 }
 
-/// Store an entry in the layout.
+/// Store an entry in the layout (its blob, just written or verified, is remembered as good).
 pub fn store(layout: &Layout, e: &CacheEntry) -> std::io::Result<()> {
+    verify::remember(layout, &e.layer.digest);
     let p = entry_path(layout, &e.key);
     if let Some(d) = p.parent() {
         fs_err::create_dir_all(d)?;

@@ -14,6 +14,7 @@ mod stage;
 mod step;
 #[cfg(test)]
 mod tests;
+mod verify;
 
 pub use assemble::{apply, assemble};
 pub use cache::{key as cache_key, Cache, CacheEntry};

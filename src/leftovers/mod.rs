@@ -72,6 +72,7 @@ fn dead_owner(item: &Labelled) -> Option<String> {
 /// Remove what dead builds left in a layout: temp blobs in `ingest/` and run directories in
 /// `tmp/` (after killing any process still running from one).
 pub fn collect_layout(dir: &Path) -> std::io::Result<Vec<Removed>> {
+    let dir = &fs_err::canonicalize(dir)?;
     let mut removed = Vec::new();
     for path in entries(&dir.join("ingest"))? {
         if let Some(reason) = stale(&path, &path) {
@@ -199,6 +200,17 @@ mod tests {
             .arg(run.join("inventory.yml"))
             .spawn()
             .unwrap();
+        let started = std::time::Instant::now();
+        while !std::fs::read(format!("/proc/{}/cmdline", sleeper.id()))
+            .unwrap_or_default()
+            .ends_with(b"inventory.yml\0")
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "tail never started"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
         // A live run (this process) and its blob.
         let live = RunDir::create(&d.path().join("tmp")).unwrap();
         let live_blob = ingest.join(format!("{}x", temp_prefix("blob")));
@@ -206,7 +218,10 @@ mod tests {
 
         let removed = collect_layout(d.path()).unwrap();
         let kinds: Vec<&str> = removed.iter().map(|r| r.kind).collect();
-        assert_eq!(kinds, ["temp-file", "process", "temp-dir"], "{removed:?}");
+        if kinds != ["temp-file", "process", "temp-dir"] {
+            let _ = sleeper.kill();
+            panic!("{removed:?}");
+        }
         assert!(removed[1].name.starts_with(&sleeper.id().to_string()));
         let status = sleeper.wait().unwrap();
         assert!(!status.success(), "the left-over process was killed");

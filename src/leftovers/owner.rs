@@ -146,6 +146,9 @@ impl RunDir {
     /// Create one under `parent` (created if missing).
     pub fn create(parent: &Path) -> io::Result<Self> {
         fs_err::create_dir_all(parent)?;
+        // Absolute, so that the processes of a run can be told by their command lines.
+        let parent = fs_err::canonicalize(parent)?;
+        let parent = parent.as_path();
         let dir = tempfile::Builder::new()
             .prefix(&temp_prefix("run"))
             .tempdir_in(parent)

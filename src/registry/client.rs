@@ -211,6 +211,10 @@ struct State {
     next_upload: u64,
 }
 
+/// How long an interrupted push lets the registry notice its dropped uploads before it
+/// discards their sessions.
+const DISCARD_SETTLE: Duration = Duration::from_millis(500);
+
 /// A repository on a resolved endpoint.
 #[derive(Debug, Clone)]
 pub(crate) struct Repo {
@@ -382,6 +386,12 @@ impl Client {
     /// push dropped its requests); each within the idle timeout.
     pub async fn discard_open_uploads(&self) {
         let open: Vec<(Repo, Url)> = self.state().open_uploads.drain().map(|(_, o)| o).collect();
+        if open.is_empty() {
+            return;
+        }
+        // The registry must see the dropped uploads end first: a session still being written
+        // to survives its DELETE (distribution 2.8 rewrites it when the broken upload ends).
+        tokio::time::sleep(DISCARD_SETTLE).await;
         let discards = open
             .into_iter()
             .map(|(repo, session)| async move { self.discard_upload(&repo, session).await });

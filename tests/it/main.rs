@@ -13,6 +13,7 @@ mod ecr_proxy;
 mod ecr_push;
 mod engine_tcp;
 mod inspect;
+mod interrupt;
 mod layer;
 mod layer_docker;
 mod push_cli;

@@ -6,6 +6,7 @@ pub mod engine;
 pub mod hostile;
 pub mod layer;
 pub mod registry;
+pub mod running;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
