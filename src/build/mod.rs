@@ -165,6 +165,9 @@ pub async fn build_platform(
     engine: &EngineInfo,
 ) -> Result<PlatformBuild, BuildError> {
     let base = ctx.stage("pull", pull_base(ctx, platform)).await?;
+    // A secret in the config (from image.yaml's `image:`) fails the build before any work.
+    let settings = ctx.spec.image_settings();
+    ctx.scan_config(&assemble(&base.image, &[], &settings).map_err(|s| base_error(ctx, s))?)?;
     let steps = Step::all(ctx.spec);
     let mut outcomes: Vec<StepOutcome> = Vec::with_capacity(steps.len());
     let mut parent = base.image.clone();
