@@ -139,8 +139,12 @@ pub fn push_target(
     let (repository, to_tag) = destination(args, spec)?;
     let tags = push_tags(&args.tags, to_tag.as_deref(), args.to.is_some(), target);
     for t in &tags {
+        let flag = match to_tag.as_deref() == Some(t.as_str()) {
+            true => "--to",
+            false => "--tag",
+        };
         crate::reference::validate_tag(t)
-            .map_err(|reason| InputError::new(format!("--tag: {reason}")))?;
+            .map_err(|reason| InputError::new(format!("{flag}: {reason}")))?;
     }
     let options = client_options(g, Some(args))?;
     if args.ecr {

@@ -5,7 +5,9 @@
 mod common;
 
 mod assemble;
+mod bad_inputs;
 mod build;
+mod cache_verify;
 mod ci_jobs;
 mod cli_rules;
 mod ecr_api;
