@@ -303,7 +303,8 @@ impl Drop for GroupGuard {
 }
 
 /// Make the child its own process group's leader and have the kernel kill it when wpimg dies,
-/// even by SIGKILL (`PR_SET_PDEATHSIG`); a child whose parent already died exits at once.
+/// even by SIGKILL (`PR_SET_PDEATHSIG`); a child whose parent already died exits at once. (The
+/// signal follows the spawning thread: a runtime worker, which lives as long as wpimg.)
 fn die_with_parent(cmd: &mut Command) {
     let parent = std::process::id() as libc::pid_t;
     cmd.process_group(0);

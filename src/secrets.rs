@@ -136,6 +136,16 @@ fn scanned_form(value: &str) -> &str {
     value.trim_end_matches(['\n', '\r'])
 }
 
+/// `value` as it appears inside a JSON string (quotes, backslashes and control characters
+/// escaped).
+fn json_escaped(value: &str) -> String {
+    let quoted = serde_json::to_string(value).unwrap_or_default();
+    quoted
+        .get(1..quoted.len().saturating_sub(1))
+        .unwrap_or_default()
+        .to_string()
+}
+
 /// The base64 texts `value` always produces inside a longer base64 text, at each of the three
 /// byte alignments it can have there (the characters that also depend on neighbouring bytes are
 /// left out).
@@ -176,8 +186,7 @@ impl LeakScanner {
                 }
             };
             add(plain.as_bytes().to_vec(), Form::Plain);
-            let json = serde_json::to_string(plain).unwrap_or_default();
-            add(json.trim_matches('"').as_bytes().to_vec(), Form::Plain);
+            add(json_escaped(plain).into_bytes(), Form::Plain);
             for engine in engines {
                 for form in base64_forms(plain.as_bytes(), engine) {
                     add(form.into_bytes(), Form::Base64);
@@ -306,11 +315,18 @@ pub struct Redactor {
 }
 
 impl Redactor {
-    /// A redactor for every non-empty secret value (and its form without trailing line breaks).
+    /// A redactor for every non-empty secret value (as written, without trailing line breaks,
+    /// and JSON-escaped as Ansible prints results).
     pub fn new(secrets: &Secrets) -> Self {
-        let mut patterns: Vec<&str> = Vec::new();
+        let mut patterns: Vec<String> = Vec::new();
         for (_, v) in secrets.iter() {
-            for p in [v.expose(), scanned_form(v.expose())] {
+            let forms = [
+                v.expose().to_string(),
+                scanned_form(v.expose()).to_string(),
+                json_escaped(v.expose()),
+                json_escaped(scanned_form(v.expose())),
+            ];
+            for p in forms {
                 if !p.is_empty() && !patterns.contains(&p) {
                     patterns.push(p);
                 }
@@ -387,6 +403,12 @@ mod tests {
     }
 
     #[test]
+    fn json_forms_keep_edge_quotes() {
+        assert_eq!(json_escaped("\"abc\""), r#"\"abc\""#);
+        assert_eq!(json_escaped(""), "");
+    }
+
+    #[test]
     fn finds_json_escaped_values_and_trims_line_breaks() {
         let s = secrets(&[("k", "pa\"ss\\word1\n")]);
         let sc = LeakScanner::new(&s).unwrap();
@@ -415,11 +437,15 @@ mod tests {
 
     #[test]
     fn redacts_output_lines() {
-        let s = secrets(&[("a", TOKEN), ("b", "short")]);
+        let s = secrets(&[("a", TOKEN), ("b", "short"), ("c", "with \"quotes\"\n")]);
         let r = Redactor::new(&s);
         assert_eq!(
             r.redact(format!("ok: [default] => {TOKEN} and short")),
             "ok: [default] => <redacted> and <redacted>"
+        );
+        assert_eq!(
+            r.redact(r#""msg": "with \"quotes\"\n""#.into()),
+            r#""msg": "<redacted>""#
         );
         assert_eq!(Redactor::new(&Secrets::default()).redact("x".into()), "x");
     }

@@ -67,6 +67,8 @@ pub async fn run(g: &GlobalArgs, b: &BuildArgs, out: &Arc<Output>) -> anyhow::Re
     let built = crate::build::build(&ctx).await;
     if built.is_err() {
         ctx.discard_layer_upload().await;
+        // A cache-repository push cut short leaves its upload sessions open.
+        client.discard_open_uploads().await;
     }
     let layout = ctx.layout().clone();
     drop(ctx);
