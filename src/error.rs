@@ -29,6 +29,17 @@ impl ErrorKind {
     }
 }
 
+/// An operation stopped by SIGINT/SIGTERM (exit 130).
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted")]
+pub struct Interrupted;
+
+impl HasKind for Interrupted {
+    fn kind(&self) -> ErrorKind {
+        ErrorKind::Interrupted
+    }
+}
+
 /// An error that knows its kind.
 pub trait HasKind {
     /// The kind of this error (delegating to its cause where the cause decides).
@@ -53,6 +64,7 @@ fn known_kind(e: &(dyn std::error::Error + 'static)) -> Option<ErrorKind> {
         };
     }
     kinds!(
+        Interrupted,
         crate::cli::InputError,
         crate::spec::SpecError,
         crate::build::BuildError,

@@ -90,6 +90,16 @@ pub enum Event {
         /// The message.
         message: String,
     },
+    /// Something a dead build left behind was removed (at the start of a build, or by
+    /// `wpimg prune`).
+    Removed {
+        /// `container`, `image`, `process`, `temp-file` or `temp-dir`.
+        kind: String,
+        /// Its name.
+        name: String,
+        /// Why it was left over.
+        reason: String,
+    },
     /// An event of one platform's part of a multi-platform build (in `--json`: the event with a
     /// `platform` field).
     #[serde(skip)]
@@ -241,6 +251,14 @@ mod tests {
                     reasons: vec!["file changed: roles/app/templates/x.j2".into()],
                 },
                 r#"{"event":"cache_miss","step":"app","reasons":["file changed: roles/app/templates/x.j2"]}"#,
+            ),
+            (
+                Event::Removed {
+                    kind: "container".into(),
+                    name: "c".into(),
+                    reason: "r".into(),
+                },
+                r#"{"event":"removed","kind":"container","name":"c","reason":"r"}"#,
             ),
         ];
         for (e, want) in cases {

@@ -151,19 +151,27 @@ impl Layout {
         Ok(v)
     }
 
-    /// Start writing a blob; commit it with [`BlobWriter::commit`].
-    pub fn blob_writer(&self) -> Result<BlobWriter, LayoutError> {
+    /// A temp file in `ingest/` named `PREFIX-PID-XXXXXX` and locked while this process holds
+    /// it (deleted when dropped): the collection of leftovers removes it once the process is gone.
+    pub fn ingest_file(&self, prefix: &str) -> io::Result<tempfile::NamedTempFile> {
         let ingest = self.dir.join("ingest");
         fs::create_dir_all(&ingest)?;
         let tmp = tempfile::Builder::new()
-            .prefix("blob-")
+            .prefix(&crate::leftovers::temp_prefix(prefix))
             .tempfile_in(&ingest)
             .map_err(|e| {
                 io::Error::new(
                     e.kind(),
-                    format!("create temp blob in {}: {e}", ingest.display()),
+                    format!("create a temp file in {}: {e}", ingest.display()),
                 )
             })?;
+        crate::leftovers::hold(tmp.as_file(), tmp.path())?;
+        Ok(tmp)
+    }
+
+    /// Start writing a blob; commit it with [`BlobWriter::commit`].
+    pub fn blob_writer(&self) -> Result<BlobWriter, LayoutError> {
+        let tmp = self.ingest_file("blob")?;
         let file = tmp.reopen()?;
         Ok(BlobWriter {
             layout: self.clone(),
@@ -268,6 +276,15 @@ impl Layout {
             d.annotations
                 .insert(ANNOTATION_REF_NAME.to_string(), reference.to_string());
             idx.manifests.push(d);
+        })
+    }
+
+    /// Remove the tag `reference` (nothing happens when there is none).
+    pub fn untag(&self, reference: &str) -> Result<(), LayoutError> {
+        self.update_index(|idx| {
+            idx.manifests.retain(|d| {
+                d.annotations.get(ANNOTATION_REF_NAME).map(String::as_str) != Some(reference)
+            });
         })
     }
 

@@ -8,6 +8,8 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
 use crate::events::{Event, SharedReporter};
+use crate::leftovers::RunDir;
+use crate::secrets::{Redactor, Secrets};
 
 /// Default connection plugin: talks to the Engine API directly (no docker CLI per task).
 pub const DEFAULT_CONNECTION: &str = "community.docker.docker_api";
@@ -52,6 +54,11 @@ pub struct ProvisionRun {
     pub docker_host: Option<String>,
     /// Directory with `ca.pem`, `cert.pem` and `key.pem` when the engine is reached over TLS.
     pub docker_tls_cert_dir: Option<PathBuf>,
+    /// Build secrets, each a variable of the play (written to a private file, never put on the
+    /// command line, redacted from the output).
+    pub secrets: Secrets,
+    /// Where the run's private directory is made (the layout's `tmp/`), never the system temp.
+    pub state_dir: PathBuf,
 }
 
 impl ProvisionRun {
@@ -86,14 +93,17 @@ impl ProvisionRun {
         serde_json::to_string_pretty(&inv).unwrap_or_default()
     }
 
-    /// The argument vector (without the program), given the temp file paths.
-    pub fn argv(&self, inventory: &Path, extra_vars: &Path) -> Vec<String> {
+    /// The argument vector (without the program), given the private files' paths.
+    pub fn argv(&self, inventory: &Path, extra_vars: &Path, secrets: Option<&Path>) -> Vec<String> {
         let mut a = vec![
             "-i".to_string(),
             inventory.display().to_string(),
             "-e".to_string(),
             format!("@{}", extra_vars.display()),
         ];
+        if let Some(s) = secrets {
+            a.extend(["-e".to_string(), format!("@{}", s.display())]);
+        }
         a.extend(self.args.iter().cloned());
         a.push(self.playbook.display().to_string());
         a
@@ -238,21 +248,100 @@ impl TaskTracker {
     }
 }
 
-/// Run the playbook, streaming each output line as an [`Event::Output`]. The child is killed
-/// if this future is dropped (cancellation).
+/// The run's private files: inventory, extra vars and secrets (mode 0600) in a [`RunDir`].
+struct RunFiles {
+    dir: RunDir,
+    inventory: PathBuf,
+    extra_vars: PathBuf,
+    secrets: Option<PathBuf>,
+}
+
+impl RunFiles {
+    fn write(p: &ProvisionRun) -> Result<Self, ProvisionError> {
+        let dir = RunDir::create(&p.state_dir)?;
+        let inventory = dir.join("inventory.yml");
+        let extra_vars = dir.join("extra_vars.json");
+        write_private(&inventory, p.inventory().as_bytes())?;
+        let extra = serde_json::Value::Object(p.extra_vars.clone());
+        write_private(&extra_vars, &serde_json::to_vec(&extra).unwrap_or_default())?;
+        let secrets = match p.secrets.is_empty() {
+            true => None,
+            false => {
+                let path = dir.join("secrets.json");
+                write_private(&path, &p.secrets.to_json())?;
+                Some(path)
+            }
+        };
+        Ok(Self {
+            dir,
+            inventory,
+            extra_vars,
+            secrets,
+        })
+    }
+}
+
+/// Kills ansible-playbook's process group (the play's workers too) when dropped before
+/// [`GroupGuard::disarm`]: the run was cancelled.
+struct GroupGuard(Option<i32>);
+
+impl GroupGuard {
+    fn disarm(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if let Some(pgid) = self.0.filter(|p| *p > 0) {
+            // SAFETY: kill(2) on the process group this run created; no memory is involved.
+            unsafe {
+                libc::kill(-pgid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+/// Make the child its own process group's leader and have the kernel kill it when wpimg dies,
+/// even by SIGKILL (`PR_SET_PDEATHSIG`); a child whose parent already died exits at once. (The
+/// signal follows the spawning thread: a runtime worker, which lives as long as wpimg.)
+fn die_with_parent(cmd: &mut Command) {
+    let parent = std::process::id() as libc::pid_t;
+    cmd.process_group(0);
+    // SAFETY: the closure runs between fork and exec and calls only async-signal-safe
+    // functions (prctl, getppid, _exit).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Run the playbook, streaming each output line (secret values redacted) as an
+/// [`Event::Output`]. If this future is dropped (cancellation), the play's whole process group is
+/// killed and its private files removed; if wpimg itself is killed, the kernel kills
+/// ansible-playbook and the next build removes the files.
 pub async fn run(p: &ProvisionRun, reporter: &SharedReporter) -> Result<(), ProvisionError> {
     let program = which("ansible-playbook").ok_or(ProvisionError::NotInstalled)?;
-    let dir = tempfile::Builder::new()
-        .prefix("wpimg-ansible-")
-        .tempdir()?;
-    let inventory = dir.path().join("inventory.yml");
-    let extra = dir.path().join("extra_vars.json");
-    write_private(&inventory, p.inventory().as_bytes())?;
-    write_private(
-        &extra,
-        &serde_json::to_vec(&serde_json::Value::Object(p.extra_vars.clone())).unwrap_or_default(),
-    )?;
-    let argv = p.argv(&inventory, &extra);
+    let files = RunFiles::write(p)?;
+    let argv = p.argv(
+        &files.inventory,
+        &files.extra_vars,
+        files.secrets.as_deref(),
+    );
     reporter.event(Event::Note {
         message: format!(
             "{} {} (env {})",
@@ -277,21 +366,25 @@ pub async fn run(p: &ProvisionRun, reporter: &SharedReporter) -> Result<(), Prov
     }
     cmd.args(&argv)
         .envs(p.environment())
-        .env("ANSIBLE_LOCAL_TEMP", dir.path().join("tmp"))
+        .env("ANSIBLE_LOCAL_TEMP", files.dir.join("tmp"))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
+    die_with_parent(&mut cmd);
     let mut child = cmd.spawn()?;
+    let mut group = GroupGuard(child.id().map(|id| id as i32));
     let stdout = child.stdout.take();
     let stderr = child.stderr.take();
     let tracker = std::sync::Mutex::new(TaskTracker::default());
+    let redactor = Redactor::new(&p.secrets);
     let pump = |r: Option<Box<dyn tokio::io::AsyncRead + Unpin + Send>>| {
-        let tracker = &tracker;
+        let (tracker, redactor) = (&tracker, &redactor);
         async move {
             let Some(r) = r else { return };
             let mut lines = BufReader::new(r).lines();
             while let Ok(Some(line)) = lines.next_line().await {
+                let line = redactor.redact(line);
                 if let Ok(mut t) = tracker.lock() {
                     t.line(&line);
                 }
@@ -307,6 +400,8 @@ pub async fn run(p: &ProvisionRun, reporter: &SharedReporter) -> Result<(), Prov
         pump(stderr.map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>)),
         child.wait()
     );
+    group.disarm();
+    drop(files);
     let status = status?;
     if status.success() {
         Ok(())
@@ -374,13 +469,19 @@ mod tests {
             env: BTreeMap::from([("ANSIBLE_PIPELINING".to_string(), "False".to_string())]),
             docker_host: None,
             docker_tls_cert_dir: None,
+            secrets: Secrets::default(),
+            state_dir: PathBuf::from("/nonexistent"),
         }
     }
 
     #[test]
     fn secrets_never_reach_the_command_line() {
         let p = run_spec();
-        let argv = p.argv(Path::new("/t/inv.yml"), Path::new("/t/ev.json"));
+        let argv = p.argv(
+            Path::new("/t/inv.yml"),
+            Path::new("/t/ev.json"),
+            Some(Path::new("/t/s.json")),
+        );
         assert_eq!(
             argv,
             [
@@ -388,6 +489,8 @@ mod tests {
                 "/t/inv.yml",
                 "-e",
                 "@/t/ev.json",
+                "-e",
+                "@/t/s.json",
                 "--diff",
                 "/pb/site.yml"
             ]

@@ -145,6 +145,17 @@ pub struct ImageInfo {
     pub labels: HashMap<String, String>,
 }
 
+/// A container or image with its labels.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Labelled {
+    /// Its ID.
+    pub id: String,
+    /// Its name (containers; images: empty).
+    pub name: String,
+    /// Its labels.
+    pub labels: HashMap<String, String>,
+}
+
 /// The container engine operations wpimg needs.
 #[async_trait::async_trait]
 pub trait Engine: Send + Sync {
@@ -202,6 +213,12 @@ pub trait Engine: Send + Sync {
         spec: &ContainerSpec,
         timeout: Duration,
     ) -> Result<RunOutcome, RuntimeError>;
+    /// Containers (running or not) carrying a label, with their labels.
+    async fn labelled_containers(&self, label: &str) -> Result<Vec<Labelled>, RuntimeError>;
+    /// Images carrying a label, with their labels.
+    async fn labelled_images(&self, label: &str) -> Result<Vec<Labelled>, RuntimeError>;
+    /// Rename a container.
+    async fn rename(&self, id: &str, name: &str) -> Result<(), RuntimeError>;
 }
 
 /// How much of a container's output [`Engine::run_to_end`] keeps (the end of it).
@@ -580,6 +597,62 @@ impl Engine for DockerEngine {
             .collect())
     }
 
+    async fn labelled_containers(&self, label: &str) -> Result<Vec<Labelled>, RuntimeError> {
+        let filters = HashMap::from([("label".to_string(), vec![label.to_string()])]);
+        let opts = ListContainersOptionsBuilder::default()
+            .all(true)
+            .filters(&filters)
+            .build();
+        let list = self
+            .docker
+            .list_containers(Some(opts))
+            .await
+            .map_err(api("list containers"))?;
+        Ok(list
+            .into_iter()
+            .map(|c| Labelled {
+                id: c.id.unwrap_or_default(),
+                name: c
+                    .names
+                    .and_then(|n| n.into_iter().next())
+                    .map(|n| n.trim_start_matches('/').to_string())
+                    .unwrap_or_default(),
+                labels: c.labels.unwrap_or_default(),
+            })
+            .collect())
+    }
+
+    async fn labelled_images(&self, label: &str) -> Result<Vec<Labelled>, RuntimeError> {
+        let filters = HashMap::from([("label".to_string(), vec![label.to_string()])]);
+        let opts = bollard::query_parameters::ListImagesOptionsBuilder::default()
+            .all(true)
+            .filters(&filters)
+            .build();
+        let list = self
+            .docker
+            .list_images(Some(opts))
+            .await
+            .map_err(api("list images"))?;
+        Ok(list
+            .into_iter()
+            .map(|i| Labelled {
+                id: i.id,
+                name: String::new(),
+                labels: i.labels,
+            })
+            .collect())
+    }
+
+    async fn rename(&self, id: &str, name: &str) -> Result<(), RuntimeError> {
+        let opts = bollard::query_parameters::RenameContainerOptionsBuilder::default()
+            .name(name)
+            .build();
+        self.docker
+            .rename_container(id, opts)
+            .await
+            .map_err(api(format!("rename container {id} to {name}")))
+    }
+
     async fn create_volume(
         &self,
         name: &str,
@@ -900,6 +973,18 @@ impl Engine for FakeEngine {
             exit_code: Some(0),
             output: String::new(),
         })
+    }
+    async fn labelled_containers(&self, label: &str) -> Result<Vec<Labelled>, RuntimeError> {
+        self.record(format!("labelled_containers {label}"));
+        Ok(vec![])
+    }
+    async fn labelled_images(&self, label: &str) -> Result<Vec<Labelled>, RuntimeError> {
+        self.record(format!("labelled_images {label}"));
+        Ok(vec![])
+    }
+    async fn rename(&self, id: &str, name: &str) -> Result<(), RuntimeError> {
+        self.record(format!("rename {id} {name}"));
+        Ok(())
     }
     async fn create_volume(
         &self,

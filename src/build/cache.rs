@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 use super::key::{Input, KeyInputs};
+use super::verify;
 use crate::events::{Event, SharedReporter};
 use crate::layout::{write_atomic, Layout};
 use crate::oci::{Addendum, Descriptor, Digest, Image, Platform};
@@ -164,10 +165,14 @@ pub struct Cache<'a> {
 }
 
 impl Cache<'_> {
-    /// The entry for `key`: the layout's, else the cache repository's (stored locally then).
+    /// The entry for `key`: the layout's (its blob verified first), else the cache
+    /// repository's (stored locally then).
     pub async fn lookup(&self, key: &str, platform: &Platform) -> Option<CacheEntry> {
         if let Some(e) = lookup(self.layout, key) {
-            return Some(e);
+            match verify::verify_cached_blob(self.layout, &e.layer) {
+                Ok(()) => return Some(e),
+                Err(problem) => self.drop_bad_entry(&e, problem),
+            }
         }
         let repo = self.repository?;
         match self.lookup_remote(repo, key, platform).await {
@@ -179,6 +184,19 @@ impl Cache<'_> {
                 None
             }
         }
+    }
+
+    /// Drop an entry whose layer blob is bad (the step is rebuilt), with a warning.
+    fn drop_bad_entry(&self, e: &CacheEntry, problem: verify::BlobProblem) {
+        self.reporter.event(Event::Warning {
+            message: format!(
+                "cache entry {}: layer {} is corrupt ({problem}): dropped, rebuilding the step",
+                &e.key[..12.min(e.key.len())],
+                e.layer.digest
+            ),
+        });
+        verify::forget(self.layout, &e.layer.digest);
+        let _ = fs_err::remove_file(entry_path(self.layout, &e.key));
     }
 
     /// Whether entries are also pushed to a cache repository.
@@ -347,8 +365,9 @@ pub fn lookup(layout: &Layout, key: &str) -> Option<CacheEntry> {
     read_entry(layout, key).filter(|e| layout.has_blob(&e.layer.digest))
 }
 
-/// Store an entry in the layout.
+/// Store an entry in the layout (its blob, just written or verified, is remembered as good).
 pub fn store(layout: &Layout, e: &CacheEntry) -> std::io::Result<()> {
+    verify::remember(layout, &e.layer.digest);
     let p = entry_path(layout, &e.key);
     if let Some(d) = p.parent() {
         fs_err::create_dir_all(d)?;

@@ -2,9 +2,9 @@
 //! whatever happens ([`BuildContainer::remove`] on every path the build controls, a best-effort
 //! removal on drop for the others), unless `--keep-on-error` keeps it after a failed play.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::leftovers::{Owner, KEPT_SUFFIX};
 use crate::runtime::{ContainerSpec, Engine, RuntimeError, BUILD_LABEL};
 
 /// Label naming the image a build container belongs to.
@@ -20,7 +20,7 @@ pub struct BuildContainer {
 
 impl BuildContainer {
     /// What to start for image `image_name`: a container of `image` (an engine image ID) with
-    /// a unique name and wpimg's labels.
+    /// a unique name and wpimg's labels (the image, and this process as its owner).
     pub fn spec(image: &str, image_name: &str, platform: Option<String>) -> ContainerSpec {
         ContainerSpec {
             image: image.to_string(),
@@ -29,10 +29,14 @@ impl BuildContainer {
                 image_name.replace(['/', '.'], "-"),
                 fastrand::u32(..)
             ),
-            labels: HashMap::from([
-                (BUILD_LABEL.to_string(), "1".to_string()),
-                (IMAGE_LABEL.to_string(), image_name.to_string()),
-            ]),
+            labels: Owner::current()
+                .labels()
+                .into_iter()
+                .chain([
+                    (BUILD_LABEL.to_string(), "1".to_string()),
+                    (IMAGE_LABEL.to_string(), image_name.to_string()),
+                ])
+                .collect(),
             platform,
             volumes: Vec::new(),
         }
@@ -91,10 +95,15 @@ impl BuildContainer {
         });
     }
 
-    /// Leave the container in place (`--keep-on-error`); returns its name.
-    pub fn keep(mut self) -> String {
+    /// Leave the container in place (`--keep-on-error`), renamed `NAME-kept` so that no later
+    /// collection of leftovers removes it; returns its name.
+    pub async fn keep(mut self) -> String {
         self.armed = false;
-        std::mem::take(&mut self.name)
+        let kept = format!("{}{KEPT_SUFFIX}", self.name);
+        match self.engine.rename(&self.id, &kept).await {
+            Ok(()) => kept,
+            Err(_) => std::mem::take(&mut self.name),
+        }
     }
 }
 

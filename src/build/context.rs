@@ -12,17 +12,20 @@ use super::extract::LayerPath;
 use super::platforms::PlatformEngine;
 use super::stage::Stages;
 use super::BuildError;
-use crate::events::{PlatformReporter, SharedReporter};
+use crate::events::{Event, PlatformReporter, SharedReporter};
 use crate::layout::Layout;
 use crate::oci::{Descriptor, Platform};
 use crate::provision::{AnsiblePlaybook, Provisioner};
 use crate::reference::Reference;
 use crate::registry::{BlobStream, Client, StreamWriter};
 use crate::runtime::Engine;
+use crate::secrets::{LeakFound, LeakScanner, MIN_SCANNED_LEN};
 use crate::spec::ImageSpec;
 
 /// How long a build waits at its end for container removals still running in the background.
 pub const SETTLE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(120);
+/// How long a failed build waits for the registry to discard its streamed upload.
+const DISCARD_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Options of a build that do not come from image.yaml.
 #[derive(Debug, Clone, Default)]
@@ -82,6 +85,7 @@ pub struct BuildContext<'a> {
     layer_upload: Mutex<Option<LayerUpload>>,
     background: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     platform_engines: Vec<(Platform, PlatformEngine)>,
+    leak_scan: Option<Arc<LeakScanner>>,
 }
 
 impl<'a> BuildContext<'a> {
@@ -93,7 +97,17 @@ impl<'a> BuildContext<'a> {
         options: BuildOptions,
         reporter: SharedReporter,
     ) -> Result<Self, BuildError> {
+        let secrets = &spec.source.secret_values;
+        for name in secrets.too_short() {
+            reporter.event(Event::Warning {
+                message: format!(
+                    "secret {name:?} is shorter than {MIN_SCANNED_LEN} bytes: the new layers and \
+                     the config are not scanned for it"
+                ),
+            });
+        }
         Ok(Self {
+            leak_scan: LeakScanner::new(secrets),
             layout: Layout::open_or_create(&options.oci_dir)?,
             stages: Stages::new(reporter.clone()),
             spec,
@@ -161,6 +175,7 @@ impl<'a> BuildContext<'a> {
             layer_upload: Mutex::new(None),
             background: Mutex::new(Vec::new()),
             platform_engines: Vec::new(),
+            leak_scan: self.leak_scan.clone(),
         }
     }
 
@@ -202,6 +217,30 @@ impl<'a> BuildContext<'a> {
     /// The stage timers.
     pub fn stages(&self) -> &Stages {
         &self.stages
+    }
+
+    /// Where a run's private files go (`tmp/` of the layout): never the system temp dir.
+    pub fn state_dir(&self) -> PathBuf {
+        self.layout.dir().join("tmp")
+    }
+
+    /// The scanner for the build's secrets (none without secrets long enough to scan for).
+    pub fn leak_scanner(&self) -> Option<Arc<LeakScanner>> {
+        self.leak_scan.clone()
+    }
+
+    /// Fail when a build secret is in an image's config (before the config is stored).
+    pub fn scan_config(&self, image: &crate::oci::Image) -> Result<(), LeakFound> {
+        let Some(scanner) = &self.leak_scan else {
+            return Ok(());
+        };
+        match scanner.find_in_json(&image.raw_config) {
+            Some((hit, path)) => Err(LeakFound {
+                secret: hit.secret.to_string(),
+                location: format!("the image config ({path})"),
+            }),
+            None => Ok(()),
+        }
     }
 
     /// Run `f` unless the build is cancelled first (then [`BuildError::Interrupted`]; `f` is
@@ -266,6 +305,16 @@ impl<'a> BuildContext<'a> {
     pub(crate) fn abort_layer_upload(&self) {
         if let Some(u) = self.layer_upload.lock().ok().and_then(|mut u| u.take()) {
             u.stream.abort();
+        }
+    }
+
+    /// Give the streamed upload up after a failed or interrupted build, and wait until the
+    /// registry was told to discard it.
+    pub async fn discard_layer_upload(&self) {
+        let upload = self.layer_upload.lock().ok().and_then(|mut u| u.take());
+        if let Some(LayerUpload { writer, stream }) = upload {
+            drop(writer);
+            stream.discard(DISCARD_DEADLINE).await;
         }
     }
 }

@@ -41,7 +41,10 @@ pub struct Extraction<'a> {
 
 impl Extraction<'_> {
     /// Read the (stopped) container's changes into an uncompressed canonical layer tar at
-    /// `spool` (compressed later: [`crate::layer::compress_spool`]).
+    /// `spool` (compressed later: [`crate::layer::compress_spool`]). Cancellation
+    /// (`opts.cancel`) is handled here, not by dropping this future: the layer writer stops and
+    /// its temp file is gone, and a committed image is removed, before
+    /// [`BuildError::Interrupted`] comes back.
     pub async fn spool(
         &self,
         container: &BuildContainer,
@@ -51,6 +54,7 @@ impl Extraction<'_> {
         match self.upper_dir(container).await? {
             Some(dir) => {
                 let (layout, spool) = (self.layout.clone(), spool.to_path_buf());
+                // The writer checks `opts.cancel` between pieces: awaited to its end, never dropped.
                 let info = tokio::task::spawn_blocking(move || {
                     crate::layer::spool_from_dir(&dir, &spool, &layout, &opts)
                 })
@@ -112,14 +116,21 @@ impl Extraction<'_> {
     ) -> Result<LayerInfo, BuildError> {
         use futures_util::StreamExt;
         use std::io::Write;
-        let mut tmp = tempfile::Builder::new()
-            .prefix("wpimg-save-")
-            .tempfile_in(self.layout.dir())?;
+        let mut tmp = self.layout.ingest_file("save")?;
         let mut s = self.engine.save(image);
-        while let Some(chunk) = s.next().await {
-            tmp.write_all(&chunk?)?;
+        let save = async {
+            while let Some(chunk) = s.next().await {
+                tmp.write_all(&chunk?)?;
+            }
+            tmp.flush()
+        };
+        match &opts.cancel {
+            Some(cancel) => tokio::select! {
+                r = save => r?,
+                _ = cancel.cancelled() => return Err(BuildError::Interrupted),
+            },
+            None => save.await?,
         }
-        tmp.flush()?;
         let (layout, spool) = (self.layout.clone(), spool.to_path_buf());
         tokio::task::spawn_blocking(move || -> Result<LayerInfo, BuildError> {
             let mut f = tmp.reopen()?;

@@ -165,6 +165,7 @@ fn files(step: &Step, src: &KeySource<'_>, k: &mut KeyInputs) -> std::io::Result
     k.fallback = found.fallback;
     k.notes = found.notes;
     files.extend(globbed(&step.inputs, src)?);
+    files.retain(|p| !src.skip.skips_file(p));
     if let Some(cfg) = ansible_cfg(step) {
         k.push("ansible.cfg", file_value(&cfg)?);
     }

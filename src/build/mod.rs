@@ -22,6 +22,7 @@ mod stage;
 mod step;
 #[cfg(test)]
 mod tests;
+mod verify;
 
 pub use assemble::{apply, assemble, assemble_squashed};
 pub use cache::{Cache, CacheEntry};
@@ -117,6 +118,9 @@ pub enum BuildError {
         /// The lock container.
         lock: String,
     },
+    /// A build secret is in the image (nothing is tagged or cached).
+    #[error(transparent)]
+    Leak(#[from] crate::secrets::LeakFound),
     /// A worker thread failed.
     #[error("a worker thread failed")]
     Task(#[from] tokio::task::JoinError),
@@ -162,7 +166,9 @@ impl HasKind for BuildError {
             | BuildError::LayerPathUnavailable { .. }
             | BuildError::BasePlatforms { .. }
             | BuildError::LoadPlatform { .. } => ErrorKind::BadInput,
-            BuildError::Interrupted => ErrorKind::Interrupted,
+            BuildError::Interrupted | BuildError::Layer(crate::layer::LayerError::Interrupted) => {
+                ErrorKind::Interrupted
+            }
             BuildError::Pull { source, .. } => source.kind(),
             BuildError::Platform { source, .. } => source.kind(),
             _ => ErrorKind::Failure,
@@ -261,6 +267,9 @@ pub async fn build_platform(
 ) -> Result<PlatformBuild, BuildError> {
     let base = ctx.stage("pull", pull_base(ctx, platform)).await?;
     let squash = ctx.spec.layer_settings().squashed();
+    // A secret in the config (from image.yaml's `image:`) fails the build before any work.
+    let settings = ctx.spec.image_settings();
+    ctx.scan_config(&assemble(&base.image, &[], &settings).map_err(|s| base_error(ctx, s))?)?;
     let steps = Step::all(ctx.spec);
     let mut chain = Chain::new(&base.image);
     let mut done: Vec<StepDone> = Vec::with_capacity(steps.len());
@@ -308,6 +317,7 @@ pub async fn build_platform(
                 None => assemble(&base.image, &outcomes, &settings),
             }
             .map_err(|source| base_error(ctx, source))?;
+            ctx.scan_config(&image)?;
             ctx.layout().write_image(&image)?;
             Ok::<_, BuildError>(image)
         })
@@ -388,6 +398,8 @@ async fn squash_layers(
         source_date_epoch: sde,
         threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         tee: writer.map(crate::layer::Tee::new).unwrap_or_default(),
+        cancel: Some(ctx.cancel_token().clone()),
+        leak_scan: ctx.leak_scanner(),
     };
     let layers: Vec<_> = outcomes.iter().map(|o| o.layer.clone()).collect();
     let layout = ctx.layout().clone();

@@ -63,6 +63,8 @@ pub struct Reads {
 pub struct Skip {
     /// Directories skipped with everything below them (canonical paths).
     paths: Vec<PathBuf>,
+    /// Files never in a key, wherever they are found (canonical paths): `secrets:` files.
+    files: Vec<PathBuf>,
 }
 
 impl Skip {
@@ -73,7 +75,25 @@ impl Skip {
                 .iter()
                 .map(|d| std::fs::canonicalize(d).unwrap_or_else(|_| d.to_path_buf()))
                 .collect(),
+            files: Vec::new(),
         }
+    }
+
+    /// Also leave out these files (a secret's value must not change a key).
+    pub fn with_files(mut self, files: &[PathBuf]) -> Self {
+        self.files = files
+            .iter()
+            .map(|f| std::fs::canonicalize(f).unwrap_or_else(|_| f.clone()))
+            .collect();
+        self
+    }
+
+    /// Whether `path` is one of the files left out.
+    pub fn skips_file(&self, path: &Path) -> bool {
+        !self.files.is_empty()
+            && self
+                .files
+                .contains(&std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()))
     }
 
     /// Whether the directory entry `path` (named `name`) is skipped.

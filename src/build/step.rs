@@ -377,7 +377,7 @@ impl StepRun<'_> {
 
     fn key_inputs(&self) -> Result<KeyInputs, BuildError> {
         let ctx = self.ctx;
-        let skip = Skip::new(&[ctx.layout().dir()]);
+        let skip = Skip::new(&[ctx.layout().dir()]).with_files(&ctx.spec.source.secret_files);
         let layer = ctx.spec.layer_settings();
         let platform = self.platform.to_string();
         let src = KeySource {
@@ -538,16 +538,15 @@ impl StepRun<'_> {
             .map(|l| l.volumes.clone())
             .unwrap_or_default();
         let container = BuildContainer::start(ctx.engine.clone(), &spec).await?;
-        let produced = ctx
-            .cancellable(self.provision_and_read(&container, provisioning, spool))
-            .await
-            .and_then(|r| r);
+        let produced = self
+            .provision_and_read(&container, provisioning, spool)
+            .await;
         let keep =
             ctx.options.keep_on_error && matches!(produced, Err(BuildError::Provision { .. }));
         let result = match produced {
             Err(BuildError::Provision { source, .. }) if keep => Err(BuildError::Provision {
                 source,
-                kept: Some(container.keep()),
+                kept: Some(container.keep().await),
             }),
             Err(e) => container.remove().await.map_err(Into::into).and(Err(e)),
             Ok((info, source)) => {
@@ -569,10 +568,11 @@ impl StepRun<'_> {
         spool: &std::path::Path,
     ) -> Result<(LayerInfo, LayerSource), BuildError> {
         let run = self.provision_run(container.name());
+        // Dropped when cancelled (ansible-playbook is killed); the layer read below handles
+        // cancellation itself, so that its temp files are gone when it returns.
         self.ctx
-            .provisioner()
-            .run(&run, &self.ctx.reporter)
-            .await
+            .cancellable(self.ctx.provisioner().run(&run, &self.ctx.reporter))
+            .await?
             .map_err(|source| BuildError::Provision { source, kept: None })?;
         provisioning.finish();
 
@@ -607,6 +607,8 @@ impl StepRun<'_> {
             env: self.step.env.clone(),
             docker_host: self.ctx.options.docker_host.clone(),
             docker_tls_cert_dir: self.ctx.options.docker_tls_cert_dir.clone(),
+            secrets: self.ctx.spec.source.secret_values.clone(),
+            state_dir: self.ctx.state_dir(),
         }
     }
 
@@ -622,6 +624,8 @@ impl StepRun<'_> {
             source_date_epoch: oci::source_date_epoch(),
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             tee: Tee::default(),
+            cancel: Some(self.ctx.cancel_token().clone()),
+            leak_scan: self.ctx.leak_scanner(),
         }
     }
 }

@@ -71,6 +71,9 @@ pub enum Command {
     Cache(CacheCmd),
     /// Print the JSON Schema of image.yaml (for editors' YAML language servers).
     Schema,
+    /// Remove what dead builds left: their containers and committed images, temp files and
+    /// run directories in the layout (every build also does this first).
+    Prune(LeftoversArgs),
     /// Print shell completions.
     Completions {
         /// The shell.
@@ -110,6 +113,14 @@ pub struct PruneArgs {
 #[derive(Debug, Args)]
 pub struct ValidateArgs {
     /// The image.yaml.
+    #[arg(default_value = "image.yaml")]
+    pub image_yaml: PathBuf,
+}
+
+/// `wpimg prune` arguments.
+#[derive(Debug, Args)]
+pub struct LeftoversArgs {
+    /// The image.yaml whose layout (`.wpimg/oci` next to it, or --oci-dir) is cleaned too.
     #[arg(default_value = "image.yaml")]
     pub image_yaml: PathBuf,
 }

@@ -10,8 +10,10 @@ use super::output::{build_summary, engine_note, Output};
 use super::settings::EngineFlag;
 use super::{push, settings};
 use crate::build::{BuildContext, BuildOptions, BuildReport, LayerUpload, PlatformEngine};
+use crate::error::{ErrorKind, HasKind};
 use crate::events::SharedReporter;
-use crate::oci::Platform;
+use crate::layout::Layout;
+use crate::oci::{Descriptor, Platform};
 use crate::provenance::{git_revision, BuildManifest};
 use crate::publish::PushOutcome;
 use crate::runtime::DockerEngine;
@@ -30,6 +32,7 @@ struct BuildResult<'a> {
 
 /// Run `wpimg build`.
 pub async fn run(g: &GlobalArgs, b: &BuildArgs, out: &Arc<Output>) -> anyhow::Result<()> {
+    let cancel = settings::cancel_on_signal()?;
     let rep: SharedReporter = out.clone();
     if !b.push && (b.push_args.sign_key.is_some() || b.push_args.sign_kms.is_some()) {
         return Err(super::InputError::new(
@@ -63,8 +66,9 @@ pub async fn run(g: &GlobalArgs, b: &BuildArgs, out: &Arc<Output>) -> anyhow::Re
         docker_host: engines.main.docker_host.clone(),
         docker_tls_cert_dir: engines.main.docker_tls_cert_dir.clone(),
     };
+    super::prune::collect(engines.main.engine.as_ref(), Some(&options.oci_dir), &rep).await;
     let mut ctx = BuildContext::new(&spec, engines.main.engine, &client, options, rep.clone())?
-        .with_cancel(settings::cancel_on_signal());
+        .with_cancel(cancel.clone());
     for (platform, engine) in engines.platforms {
         ctx = ctx.with_platform_engine(platform, engine);
     }
@@ -72,15 +76,34 @@ pub async fn run(g: &GlobalArgs, b: &BuildArgs, out: &Arc<Output>) -> anyhow::Re
     if let Some((writer, stream)) = stream.and_then(|t| t.stream_blob(&rep)) {
         ctx = ctx.with_layer_upload(LayerUpload::new(writer, stream));
     }
-    let report = crate::build::build(&ctx)
-        .await
-        .with_context(|| format!("build {}", b.image_yaml.display()))?;
+    let tag = TagBefore::read(ctx.layout(), spec.local_ref());
+    let built = crate::build::build(&ctx).await;
+    if built.is_err() {
+        ctx.discard_layer_upload().await;
+        // A cache-repository push cut short leaves its upload sessions open.
+        client.discard_open_uploads().await;
+    }
     let layout = ctx.layout().clone();
     drop(ctx);
+    let report = match built {
+        Ok(r) => r,
+        Err(e) => {
+            if e.kind() == ErrorKind::Interrupted {
+                tag.restore(&layout)?;
+            }
+            return Err(anyhow::Error::new(e).context(format!("build {}", b.image_yaml.display())));
+        }
+    };
     build_summary(out, &report);
 
     let pushed = match &target {
-        Some(t) => Some(push::push(t, &layout, &report.manifest, out).await?),
+        Some(t) => match push::push_until(t, &layout, &report.manifest, out, &cancel).await {
+            Err(e) if crate::error::kind_of(&e) == ErrorKind::Interrupted => {
+                tag.restore(&layout)?;
+                return Err(e);
+            }
+            r => Some(r?),
+        },
         None => None,
     };
     if let Some(path) = &b.manifest {
@@ -151,5 +174,36 @@ fn platform_engine(engine: DockerEngine) -> PlatformEngine {
         docker_host: endpoint.from_docker_host.then(|| endpoint.host.clone()),
         docker_tls_cert_dir: endpoint.tls_cert_dir.clone(),
         engine: Arc::new(engine),
+    }
+}
+
+/// The layout's `NAME:TAG` before the build: an interrupted build or push puts it back, so that
+/// no tag of an unfinished build is left.
+struct TagBefore {
+    reference: String,
+    previous: Option<Descriptor>,
+}
+
+impl TagBefore {
+    fn read(layout: &Layout, reference: String) -> Self {
+        let previous = layout.resolve(&reference).ok();
+        Self {
+            reference,
+            previous,
+        }
+    }
+
+    fn restore(&self, layout: &Layout) -> anyhow::Result<()> {
+        match &self.previous {
+            Some(d) => layout.tag(&self.reference, d),
+            None => layout.untag(&self.reference),
+        }
+        .with_context(|| {
+            format!(
+                "restore tag {} in {}",
+                self.reference,
+                layout.dir().display()
+            )
+        })
     }
 }

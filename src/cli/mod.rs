@@ -6,6 +6,7 @@ mod build;
 mod cache;
 mod inspect;
 pub mod output;
+mod prune;
 mod push;
 mod sbom;
 mod schema;
@@ -85,6 +86,7 @@ async fn dispatch(cli: &Cli, out: &Arc<Output>) -> anyhow::Result<()> {
             CacheAction::Prune(p) => cache::prune(g, p, out).await,
         },
         Command::Schema => schema::run(),
+        Command::Prune(p) => prune::run(g, p, out).await,
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(*shell, &mut cmd, "wpimg", &mut std::io::stdout());

@@ -184,6 +184,9 @@ impl Reporter for Output {
                 }
             }
             Event::Warning { message } => self.say(&format!("warning: {message}")),
+            Event::Removed { kind, name, reason } => {
+                self.say(&format!("removed left-over {kind} {name}: {reason}"))
+            }
         }
     }
 }

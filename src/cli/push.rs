@@ -4,10 +4,12 @@
 use std::sync::Arc;
 
 use anyhow::Context;
+use tokio_util::sync::CancellationToken;
 
 use super::args::{GlobalArgs, PushCmd};
 use super::output::Output;
 use super::{settings, InputError};
+use crate::error::Interrupted;
 use crate::events::SharedReporter;
 use crate::layout::Layout;
 use crate::oci::Descriptor;
@@ -18,13 +20,19 @@ use crate::spec::ImageSpec;
 
 /// Run `wpimg push`.
 pub async fn run(g: &GlobalArgs, p: &PushCmd, out: &Arc<Output>) -> anyhow::Result<()> {
-    let (spec, layout, desc) = match &p.from {
-        Some(from) => from_layout(from)?,
-        None => built_image(g, p)?,
+    let cancel = settings::cancel_on_signal()?;
+    // Flags and image.yaml first: a bad tag is reported before the layout is looked at.
+    let spec = match &p.from {
+        Some(_) => None,
+        None => Some(settings::load_spec(g, &p.image_yaml)?),
     };
     let mut target = settings::push_target(g, &p.push_args, spec.as_ref())?;
     target.signer = settings::signer(&p.push_args).await?;
-    let pushed = push(&target, &layout, &desc, out).await?;
+    let (layout, desc) = match &spec {
+        Some(spec) => built_image(g, p, spec)?,
+        None => from_layout(p.from.as_deref().unwrap_or_default())?,
+    };
+    let pushed = push_until(&target, &layout, &desc, out, &cancel).await?;
     if let Some(path) = &p.manifest {
         let revision = git_revision(crate::spec::dir_of(&p.image_yaml));
         BuildManifest::of_push(&pushed, revision)
@@ -54,8 +62,27 @@ pub async fn push(
     Ok(pushed)
 }
 
+/// [`push`] unless `cancel` fires first: then the push's requests are dropped, the upload
+/// sessions they left open are discarded, and the error is [`Interrupted`] (no tag is written
+/// after that point: tags go last).
+pub async fn push_until(
+    target: &PushTarget,
+    layout: &Layout,
+    desc: &Descriptor,
+    out: &Arc<Output>,
+    cancel: &CancellationToken,
+) -> anyhow::Result<PushOutcome> {
+    tokio::select! {
+        r = push(target, layout, desc, out) => r,
+        _ = cancel.cancelled() => {
+            target.discard_open_uploads().await;
+            Err(Interrupted.into())
+        }
+    }
+}
+
 /// `--from oci:DIR[:NAME:TAG]`: any OCI layout's image.
-fn from_layout(from: &str) -> anyhow::Result<(Option<ImageSpec>, Layout, Descriptor)> {
+fn from_layout(from: &str) -> anyhow::Result<(Layout, Descriptor)> {
     let LayoutRef { dir, reference } = LayoutRef::parse(from)
         .ok_or_else(|| InputError::new(format!("--from {from:?}: expected oci:DIR:NAME:TAG")))?;
     let layout = Layout::open(&dir)
@@ -66,15 +93,15 @@ fn from_layout(from: &str) -> anyhow::Result<(Option<ImageSpec>, Layout, Descrip
             .map_err(|e| InputError::caused(format!("--from {from}"), e))?,
         None => only_image(&layout)?,
     };
-    Ok((None, layout, desc))
+    Ok((layout, desc))
 }
 
 /// The image `wpimg build` made from image.yaml.
 fn built_image(
     g: &GlobalArgs,
     p: &PushCmd,
-) -> anyhow::Result<(Option<ImageSpec>, Layout, Descriptor)> {
-    let spec = settings::load_spec(g, &p.image_yaml)?;
+    spec: &ImageSpec,
+) -> anyhow::Result<(Layout, Descriptor)> {
     let dir = settings::oci_dir(g, &p.image_yaml);
     let layout = Layout::open(&dir).map_err(|e| {
         InputError::caused(
@@ -95,7 +122,7 @@ fn built_image(
             e,
         )
     })?;
-    Ok((Some(spec), layout, desc))
+    Ok((layout, desc))
 }
 
 /// The only image of a layout (for `--from oci:DIR`).

@@ -181,8 +181,12 @@ pub fn push_target(
     let (repository, to_tag) = destination(args, spec)?;
     let tags = push_tags(&args.tags, to_tag.as_deref(), args.to.is_some(), target);
     for t in &tags {
+        let flag = match to_tag.as_deref() == Some(t.as_str()) {
+            true => "--to",
+            false => "--tag",
+        };
         crate::reference::validate_tag(t)
-            .map_err(|reason| InputError::new(format!("--tag: {reason}")))?;
+            .map_err(|reason| InputError::new(format!("{flag}: {reason}")))?;
     }
     let options = client_options(g, Some(args))?;
     if args.ecr {
@@ -320,21 +324,19 @@ pub fn engine_flags(
     Ok(out)
 }
 
-/// Cancelled on SIGINT/SIGTERM.
-pub fn cancel_on_signal() -> tokio_util::sync::CancellationToken {
+/// Cancelled on SIGINT/SIGTERM (the handlers are in place when this returns).
+pub fn cancel_on_signal() -> std::io::Result<tokio_util::sync::CancellationToken> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
     let token = tokio_util::sync::CancellationToken::new();
     let t = token.clone();
     tokio::spawn(async move {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => return,
-            };
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {},
+            _ = int.recv() => {},
             _ = term.recv() => {},
         }
         t.cancel();
     });
-    token
+    Ok(token)
 }

@@ -3,7 +3,8 @@
 use std::cmp::Ordering;
 use std::io::{self, Read, Write};
 
-use super::DROPPED_XATTR_PREFIXES;
+use super::watch::Watch;
+use super::{LayerError, DROPPED_XATTR_PREFIXES};
 
 /// Name of an opaque-directory marker.
 pub(crate) const OPAQUE: &[u8] = b".wh..wh..opq";
@@ -156,14 +157,17 @@ pub(crate) struct TarWriter<W: Write> {
     w: W,
     entries: u64,
     buf: Vec<u8>,
+    watch: Watch,
 }
 
 impl<W: Write> TarWriter<W> {
-    pub(crate) fn new(w: W) -> Self {
+    /// A writer whose entries go through `watch` before they are written.
+    pub(crate) fn new(w: W, watch: Watch) -> Self {
         Self {
             w,
             entries: 0,
             buf: vec![0; 256 * 1024],
+            watch,
         }
     }
 
@@ -178,6 +182,7 @@ impl<W: Write> TarWriter<W> {
         e: &Entry,
         data: Option<&mut dyn Read>,
     ) -> Result<(), AppendError> {
+        self.watch.entry(e).map_err(AppendError::Watch)?;
         let mut name = e.path.clone();
         if e.kind == Kind::Dir {
             name.push(b'/');
@@ -255,6 +260,9 @@ impl<W: Write> TarWriter<W> {
                     Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
                     Err(err) => return Err(AppendError::In(err)),
                 };
+                self.watch
+                    .data(e, &self.buf[..n])
+                    .map_err(AppendError::Watch)?;
                 self.w.write_all(&self.buf[..n]).map_err(AppendError::Out)?;
                 left -= n as u64;
             }
@@ -290,6 +298,8 @@ pub(crate) enum AppendError {
     In(io::Error),
     /// The data ended after this many bytes.
     Short(u64),
+    /// A check of the entry failed (a secret found, the build interrupted).
+    Watch(LayerError),
 }
 
 fn pax_records(recs: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
@@ -417,7 +427,7 @@ mod tests {
         e.size = 5;
         e.mtime = 1_700_000_000;
         e.xattrs = vec![(b"security.capability".to_vec(), vec![1, 0, 0, 2, 0xff])];
-        let mut w = TarWriter::new(Vec::new());
+        let mut w = TarWriter::new(Vec::new(), Watch::none());
         w.append(&e, Some(&mut &b"hello"[..])).unwrap();
         let mut l = Entry::new(b"lnk".to_vec(), Kind::Symlink);
         l.link = "t".repeat(120).into_bytes();

@@ -13,6 +13,7 @@ use super::canon::{Entry, Kind, TarWriter, OPAQUE, WH};
 use super::compress::Dest;
 use super::exclude::Excluder;
 use super::tarin::out_err;
+use super::watch::Watch;
 use super::{LayerError, LayerInfo, LayerOptions};
 use crate::layout::Layout;
 
@@ -42,7 +43,7 @@ pub(crate) fn from_dir(
     let mut sink = dest.sink()?;
     let entries = {
         let mut walk = Walk {
-            w: TarWriter::new(sink.writer()),
+            w: TarWriter::new(sink.writer(), Watch::new(opts)),
             x: &x,
             sde: opts.source_date_epoch,
             links: HashMap::new(),
@@ -231,6 +232,7 @@ impl<W: io::Write> Walk<'_, W> {
                 expected: e.size,
                 actual: n,
             },
+            AppendError::Watch(e) => e,
         })
     }
 }

@@ -25,6 +25,7 @@ mod dir;
 mod exclude;
 mod squash;
 mod tarin;
+mod watch;
 
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
@@ -120,6 +121,10 @@ pub struct LayerOptions {
     pub threads: usize,
     /// A second destination of the compressed bytes (a streaming upload).
     pub tee: Tee,
+    /// Stop with [`LayerError::Interrupted`] as soon as this is cancelled.
+    pub cancel: Option<tokio_util::sync::CancellationToken>,
+    /// Fail with [`LayerError::Leak`] when a build secret shows up in the layer.
+    pub leak_scan: Option<Arc<crate::secrets::LeakScanner>>,
 }
 
 /// A second destination of a layer's compressed bytes as they are produced, taken by the first
@@ -153,6 +158,8 @@ impl Default for LayerOptions {
             source_date_epoch: None,
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             tee: Tee::default(),
+            cancel: None,
+            leak_scan: None,
         }
     }
 }
@@ -249,6 +256,12 @@ pub enum LayerError {
     /// The layout store failed.
     #[error(transparent)]
     Layout(#[from] LayoutError),
+    /// A build secret is in the layer (the blob is not kept).
+    #[error(transparent)]
+    Leak(#[from] crate::secrets::LeakFound),
+    /// The build was interrupted while the layer was written (the blob is not kept).
+    #[error("interrupted")]
+    Interrupted,
 }
 
 /// Build a layer from an uncompressed layer tar stream (e.g. a committed container's top layer

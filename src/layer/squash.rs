@@ -11,6 +11,7 @@ use std::io::{self, Read, Seek, SeekFrom};
 use super::canon::{cmp_paths, Entry, Kind, TarWriter, OPAQUE, WH};
 use super::compress::Dest;
 use super::tarin::{append, out_err, parse};
+use super::watch::Watch;
 use super::{LayerError, LayerInfo, LayerOptions};
 use crate::layout::Layout;
 use crate::oci::Descriptor;
@@ -284,7 +285,7 @@ pub fn squash(
     let entries = merge.finish()?;
     let mut sink = Dest::Blob { layout, opts }.sink()?;
     let n = {
-        let mut w = TarWriter::new(sink.writer());
+        let mut w = TarWriter::new(sink.writer(), Watch::new(opts));
         for (e, data) in &entries {
             match data {
                 Some((layer, off)) if e.size > 0 => {

@@ -12,6 +12,7 @@ use super::canon::{
 };
 use super::compress::Dest;
 use super::exclude::Excluder;
+use super::watch::Watch;
 use super::{LayerError, LayerInfo, LayerOptions};
 use crate::layout::Layout;
 
@@ -154,6 +155,7 @@ pub(crate) fn append(
                 format!("data ended after {n} of {} bytes", e.size),
             ),
         ),
+        AppendError::Watch(e) => e,
     })
 }
 
@@ -192,7 +194,7 @@ pub(crate) fn from_stream(
     let mut sink = dest.sink()?;
     let mut in_order = true;
     let entries = {
-        let mut w = TarWriter::new(sink.writer());
+        let mut w = TarWriter::new(sink.writer(), Watch::new(opts));
         let mut last: Option<Vec<u8>> = None;
         let iter = ar.entries().map_err(|e| tar_err(b"", e))?;
         for item in iter {
@@ -354,7 +356,7 @@ pub(crate) fn from_seekable<R: Read + Seek>(
     // Pass 2: emit in order.
     let mut sink = dest.sink()?;
     let entries = {
-        let mut w = TarWriter::new(sink.writer());
+        let mut w = TarWriter::new(sink.writer(), Watch::new(opts));
         for it in all.iter().filter(|it| !it.excluded) {
             if it.e.kind == Kind::Regular && it.e.size > 0 {
                 f.seek(SeekFrom::Start(it.off)).map_err(rerr)?;

@@ -173,6 +173,14 @@ impl PushTarget {
         }
     }
 
+    /// After an interrupted push: tell the registry to discard the upload sessions the dropped
+    /// push left open. (An ECR push's sessions expire on their own.)
+    pub async fn discard_open_uploads(&self) {
+        if let TargetKind::Registry { client, .. } = &self.kind {
+            client.discard_open_uploads().await;
+        }
+    }
+
     /// Push the image (or index) `manifest` of `layout`, then its tags, then its attachments
     /// (stage `push`).
     pub async fn push(

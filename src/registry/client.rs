@@ -206,7 +206,14 @@ struct State {
     credentials: HashMap<String, Credential>,
     chunked: HashSet<String>,
     streamed: HashSet<Digest>,
+    /// Upload sessions in progress, by id: discarded when a push is interrupted.
+    open_uploads: HashMap<u64, (Repo, Url)>,
+    next_upload: u64,
 }
+
+/// How long an interrupted push lets the registry notice its dropped uploads before it
+/// discards their sessions.
+const DISCARD_SETTLE: Duration = Duration::from_millis(500);
 
 /// A repository on a resolved endpoint.
 #[derive(Debug, Clone)]
@@ -352,6 +359,43 @@ impl Client {
 
     pub(crate) fn was_streamed(&self, digest: &Digest) -> bool {
         self.state().streamed.contains(digest)
+    }
+
+    /// Remember an upload session until [`Client::close_upload`]; returns its id.
+    pub(crate) fn open_upload(&self, repo: &Repo, session: &Url) -> u64 {
+        let mut st = self.state();
+        st.next_upload += 1;
+        let id = st.next_upload;
+        st.open_uploads.insert(id, (repo.clone(), session.clone()));
+        id
+    }
+
+    /// The session moved (a new `Location` after a chunk).
+    pub(crate) fn move_upload(&self, id: u64, session: &Url) {
+        if let Some(open) = self.state().open_uploads.get_mut(&id) {
+            open.1 = session.clone();
+        }
+    }
+
+    /// The upload is over (done, or failed and abandoned).
+    pub(crate) fn close_upload(&self, id: u64) {
+        self.state().open_uploads.remove(&id);
+    }
+
+    /// Tell the registry to discard every upload session still open (after an interrupted
+    /// push dropped its requests); each within the idle timeout.
+    pub async fn discard_open_uploads(&self) {
+        let open: Vec<(Repo, Url)> = self.state().open_uploads.drain().map(|(_, o)| o).collect();
+        if open.is_empty() {
+            return;
+        }
+        // The registry must see the dropped uploads end first: a session still being written
+        // to survives its DELETE (distribution 2.8 rewrites it when the broken upload ends).
+        tokio::time::sleep(DISCARD_SETTLE).await;
+        let discards = open
+            .into_iter()
+            .map(|(repo, session)| async move { self.discard_upload(&repo, session).await });
+        futures_util::future::join_all(discards).await;
     }
 
     pub(crate) fn set_chunked(&self, registry: &str) {

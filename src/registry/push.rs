@@ -146,6 +146,8 @@ struct Upload<'a> {
     path: &'a Path,
     desc: &'a Descriptor,
     progress: &'a Progress,
+    /// The session as tracked by [`Client::open_upload`].
+    session_id: u64,
 }
 
 /// Whether an answer to a monolithic PUT means "this registry wants chunks".
@@ -519,30 +521,45 @@ impl Client {
             path: &path,
             desc,
             progress,
+            session_id: self.open_upload(repo, &session),
         };
-        if self.uses_chunked(&repo.registry) {
-            self.upload_chunked(&up, session, reporter).await?;
-        } else {
-            match self.upload_monolithic(&up, &session, reporter).await {
-                Ok(()) => {}
-                Err(e) if refuses_monolithic(&e) => {
-                    reporter.event(Event::Note {
-                        message: format!(
-                            "{} refused a monolithic upload, switching to chunked uploads: {e}",
-                            repo.registry
-                        ),
-                    });
-                    self.set_chunked(&repo.registry);
-                    let what = format!("blob {digest}");
-                    let session = self
-                        .start_upload(repo, &scopes, &what, Retry::InOperation, reporter)
-                        .await?;
-                    self.upload_chunked(&up, session, reporter).await?;
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        // Until here the session is open: an interrupted push discards it (the future is
+        // dropped before `close_upload`).
+        let uploaded = self.upload(&up, session, reporter).await;
+        self.close_upload(up.session_id);
+        uploaded?;
         Ok((BlobOutcome::Uploaded, None))
+    }
+
+    /// Monolithic upload in `session` (chunked when the registry wants chunks).
+    async fn upload(
+        &self,
+        up: &Upload<'_>,
+        session: Url,
+        reporter: &SharedReporter,
+    ) -> Result<(), RegistryError> {
+        let repo = up.repo;
+        if self.uses_chunked(&repo.registry) {
+            return self.upload_chunked(up, session, reporter).await;
+        }
+        match self.upload_monolithic(up, &session, reporter).await {
+            Err(e) if refuses_monolithic(&e) => {
+                reporter.event(Event::Note {
+                    message: format!(
+                        "{} refused a monolithic upload, switching to chunked uploads: {e}",
+                        repo.registry
+                    ),
+                });
+                self.set_chunked(&repo.registry);
+                let what = format!("blob {}", up.desc.digest);
+                let session = self
+                    .start_upload(repo, up.scopes, &what, Retry::InOperation, reporter)
+                    .await?;
+                self.move_upload(up.session_id, &session);
+                self.upload_chunked(up, session, reporter).await
+            }
+            other => other,
+        }
     }
 
     /// Open an upload session (POST); `what` names the blob in errors.
@@ -577,6 +594,7 @@ impl Client {
             path,
             desc,
             progress,
+            ..
         } = up;
         let op = format!("upload blob {}", desc.digest);
         let u = with_digest(session, &desc.digest);
@@ -607,6 +625,7 @@ impl Client {
             path,
             desc,
             progress,
+            session_id,
         } = up;
         let chunk = self.opts.chunk_size;
         let size = desc.size;
@@ -630,6 +649,7 @@ impl Client {
             let resp = expect_status(resp, &[201, 202, 204], &repo.name, &op).await?;
             if resp.headers().contains_key(LOCATION) {
                 session = repo.resolve_location(&op, resp.headers().get(LOCATION))?;
+                self.move_upload(*session_id, &session);
             }
             offset += chunk;
         }

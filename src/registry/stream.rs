@@ -88,6 +88,13 @@ impl BlobStream {
     pub fn abort(self) {
         drop(self.finish);
     }
+
+    /// Give the upload up and wait (at most `deadline`) until the registry was told to discard
+    /// the session; the writer must be dropped already.
+    pub async fn discard(self, deadline: std::time::Duration) {
+        drop(self.finish);
+        let _ = tokio::time::timeout(deadline, self.task).await;
+    }
 }
 
 impl Client {
@@ -208,7 +215,7 @@ impl Client {
 
     /// Tell the registry to drop an upload session (best effort, without credentials, within
     /// the idle timeout and the URL rules).
-    async fn discard_upload(&self, repo: &Repo, session: url::Url) {
+    pub(super) async fn discard_upload(&self, repo: &Repo, session: url::Url) {
         let op = "discard a streamed upload";
         if self.credentials_go_to(repo, &session, op).is_err() {
             return;

@@ -155,6 +155,9 @@ impl fmt::Display for KeyPath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (i, s) in self.0.iter().enumerate() {
             match s {
+                // A key holding control characters (NUL, newline) is shown escaped and quoted.
+                Segment::Key(k) if k.contains(char::is_control) && i == 0 => write!(f, "{k:?}")?,
+                Segment::Key(k) if k.contains(char::is_control) => write!(f, ".{k:?}")?,
                 Segment::Key(k) if i == 0 => write!(f, "{k}")?,
                 Segment::Key(k) => write!(f, ".{k}")?,
                 Segment::Index(n) => write!(f, "[{n}]")?,
@@ -192,6 +195,10 @@ pub struct ImageSpec {
     /// Optional: the SBOM made for the built image (on by default): `false` turns it off,
     /// `{ format: spdx-json | cyclonedx-json }` picks the attached document's format.
     pub sbom: Option<SbomSetting>,
+    /// Optional: build secrets by name, each `{ env: NAME }` or `{ file: PATH }` (relative to
+    /// image.yaml); the play gets each as a variable of that name, from a private file. Their
+    /// values never reach the layer, the config, logs, JSON or the cache key.
+    pub secrets: Option<BTreeMap<String, SecretSource>>,
     /// Where the spec came from (not a key of image.yaml).
     #[serde(skip_deserializing)]
     #[schemars(skip)]
@@ -211,6 +218,22 @@ pub struct SpecSource {
     /// Keys whose value came from the environment or a variables file: never shown.
     #[serde(skip)]
     pub secret: BTreeSet<KeyPath>,
+    /// The values of `secrets:`, read when the spec is loaded.
+    #[serde(skip)]
+    pub secret_values: crate::secrets::Secrets,
+    /// The files `secrets:` reads (left out of the cache key).
+    #[serde(skip)]
+    pub secret_files: Vec<PathBuf>,
+}
+
+/// Where a build secret's value comes from: exactly one of `env` and `file`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SecretSource {
+    /// Optional: the environment variable holding the value.
+    pub env: Option<String>,
+    /// Optional: the file holding the value (UTF-8 text), relative to image.yaml.
+    pub file: Option<PathBuf>,
 }
 
 /// `provision:` section: one playbook (`playbook` and its keys: one step named `provision`), or
@@ -659,6 +682,7 @@ pub fn load(path: &Path, ov: &Overrides) -> Result<ImageSpec, SpecError> {
         dir: dir.clone(),
         raw: text,
         secret,
+        ..Default::default()
     };
     let mut checks = validate::Checks::new(path, &found.locations, &mut problems);
     validate::check(&mut spec, &dir, &mut checks);

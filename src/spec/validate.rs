@@ -88,6 +88,7 @@ pub(crate) fn check(spec: &mut ImageSpec, dir: &Path, c: &mut Checks<'_>) {
     if let Some(s) = &spec.sbom {
         sbom(s, &root.key("sbom"), c);
     }
+    secrets(spec, dir, &root.key("secrets"), c);
 }
 
 fn sbom(s: &SbomSetting, at: &KeyPath, c: &mut Checks<'_>) {
@@ -295,6 +296,94 @@ fn cache_mounts(paths: Option<&mut Vec<String>>, at: &KeyPath, c: &mut Checks<'_
         *p = trimmed;
         if !seen.insert(p.clone()) {
             c.bad(&here, format!("cache mount {p:?} is listed twice"));
+        }
+    }
+}
+
+/// `secrets:`: valid variable names not used by `provision.extra_vars`, each with exactly one
+/// source; reads the values (a missing variable or file is a problem naming it).
+fn secrets(spec: &mut ImageSpec, dir: &Path, at: &KeyPath, c: &mut Checks<'_>) {
+    let Some(declared) = spec.secrets.clone() else {
+        return;
+    };
+    let extra_vars = spec.provision.extra_vars.clone().unwrap_or_default();
+    for (name, source) in &declared {
+        let here = at.key(name);
+        if !super::vars::valid_var_name(name) || name.starts_with("ansible_") {
+            c.bad(
+                &here,
+                "invalid secret name: the play reads it as a variable (letters, digits, _; not \
+                 starting with a digit or ansible_)"
+                    .into(),
+            );
+            continue;
+        }
+        if extra_vars.contains_key(name) {
+            c.bad(
+                &here,
+                format!("secret {name:?} is also a key of provision.extra_vars: rename one"),
+            );
+            continue;
+        }
+        let value = match (&source.env, &source.file) {
+            (Some(var), None) => secret_from_env(var, &here.key("env"), c),
+            (None, Some(file)) => {
+                let path = dir.join(file);
+                spec.source.secret_files.push(path.clone());
+                secret_from_file(&path, &here.key("file"), c)
+            }
+            _ => {
+                c.bad(&here, "give exactly one of env: NAME or file: PATH".into());
+                None
+            }
+        };
+        if let Some(v) = value {
+            spec.source
+                .secret_values
+                .insert(name.clone(), crate::secrets::SecretValue::new(v));
+        }
+    }
+}
+
+fn secret_from_env(var: &str, at: &KeyPath, c: &mut Checks<'_>) -> Option<String> {
+    if var.is_empty() || var.contains(['=', '\0']) {
+        c.bad(
+            at,
+            "invalid environment variable name (empty, or holds = or NUL)".into(),
+        );
+        return None;
+    }
+    match std::env::var(var) {
+        Ok(v) => Some(v),
+        Err(std::env::VarError::NotPresent) => {
+            c.bad(at, format!("environment variable {var} is not set"));
+            None
+        }
+        Err(std::env::VarError::NotUnicode(_)) => {
+            c.bad(at, format!("environment variable {var} is not UTF-8 text"));
+            None
+        }
+    }
+}
+
+fn secret_from_file(path: &Path, at: &KeyPath, c: &mut Checks<'_>) -> Option<String> {
+    match std::fs::read(path) {
+        Ok(bytes) => match String::from_utf8(bytes) {
+            Ok(v) => Some(v),
+            Err(_) => {
+                c.bad(
+                    at,
+                    format!("secret file {} is not UTF-8 text", path.display()),
+                );
+                None
+            }
+        },
+        Err(e) => {
+            c.bad(
+                at,
+                format!("cannot read secret file {}: {e}", path.display()),
+            );
+            None
         }
     }
 }

@@ -6,6 +6,7 @@ pub mod engine;
 pub mod hostile;
 pub mod layer;
 pub mod registry;
+pub mod running;
 pub mod webdriver;
 pub mod wordpress;
 
