@@ -56,6 +56,10 @@ pub fn key(
     field("base", base_digest.to_string().as_bytes());
     field("platform", platform.as_bytes());
     field("image.yaml", spec.source.raw.as_bytes());
+    field(
+        "accelerator",
+        spec.provision.accelerator().as_str().as_bytes(),
+    );
     // The resolved spec: variables, extra vars, ansible args and env after interpolation, with
     // paths relative to image.yaml so checkouts in different places share the cache.
     field(
@@ -380,6 +384,18 @@ mod tests {
 
         std::fs::write(d.path().join("pb/roles/web/vars.yml"), "x: 1\n").unwrap();
         assert_ne!(k1, key_of(d.path(), &none), "a new vars file must miss");
+    }
+
+    #[test]
+    fn the_accelerator_is_in_the_key() {
+        let d = setup();
+        let mut spec = load(&d.path().join("image.yaml"), &Overrides::default()).unwrap();
+        let base = Digest::of_bytes(b"base");
+        let oci = d.path().join(".wpimg/oci");
+        let plain = key(&spec, &base, "linux/amd64", &oci).unwrap();
+        // As `--accelerator mitogen` sets it.
+        spec.provision.accelerator = Some(crate::provision::Accelerator::Mitogen);
+        assert_ne!(plain, key(&spec, &base, "linux/amd64", &oci).unwrap());
     }
 
     #[test]

@@ -65,6 +65,9 @@ pub enum BuildError {
         /// The container kept with `--keep-on-error`.
         kept: Option<String>,
     },
+    /// What `provision.accelerator` needs is missing.
+    #[error(transparent)]
+    Accelerator(#[from] crate::provision::AcceleratorError),
     /// Producing the layer failed.
     #[error("producing the layer")]
     Layer(#[from] crate::layer::LayerError),
@@ -108,6 +111,7 @@ impl HasKind for BuildError {
             }
             BuildError::Interrupted => ErrorKind::Interrupted,
             BuildError::Pull { source, .. } => source.kind(),
+            BuildError::Accelerator(source) => source.kind(),
             _ => ErrorKind::Failure,
         }
     }

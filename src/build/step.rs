@@ -289,6 +289,7 @@ impl StepRun<'_> {
             env: self.step.env.clone(),
             docker_host: self.ctx.options.docker_host.clone(),
             docker_tls_cert_dir: self.ctx.options.docker_tls_cert_dir.clone(),
+            mitogen: self.ctx.mitogen().cloned(),
         }
     }
 

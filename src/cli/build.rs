@@ -28,7 +28,8 @@ struct BuildResult<'a> {
 /// Run `wpimg build`.
 pub async fn run(g: &GlobalArgs, b: &BuildArgs, out: &Arc<Output>) -> anyhow::Result<()> {
     let rep: SharedReporter = out.clone();
-    let spec = settings::load_spec(g, &b.image_yaml)?;
+    let mut spec = settings::load_spec(g, &b.image_yaml)?;
+    settings::apply_accelerator(&mut spec, b.accelerator);
     let engine = DockerEngine::connect().await?;
     engine_note(&engine, &rep).await;
     let (client, cache_repo) = settings::build_client(g, b, &spec).await?;

@@ -19,6 +19,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub use crate::layer::Compression;
+pub use crate::provision::Accelerator;
 pub use vars::{interpolate, Overrides, Var, Vars};
 
 /// The value shown in place of a secret one.
@@ -223,6 +224,19 @@ pub struct Provision {
     /// Optional: Ansible pipelining (default true).
     #[schemars(schema_with = "schema::bool_or_variable")]
     pub pipelining: Option<bool>,
+    /// Optional: none (default) or mitogen: run every step's playbook under Mitogen for
+    /// Ansible (strategy mitogen_linear over the `docker` connection); --accelerator beats it.
+    pub accelerator: Option<Accelerator>,
+    /// Optional: directory holding Mitogen (`ansible_mitogen`, as `pip install --target DIR
+    /// mitogen` lays it out), relative to image.yaml; else ansible-playbook's own Python has it.
+    pub mitogen_path: Option<PathBuf>,
+}
+
+impl Provision {
+    /// The accelerator (none unless set).
+    pub fn accelerator(&self) -> Accelerator {
+        self.accelerator.unwrap_or_default()
+    }
 }
 
 /// `image:` section; unset fields inherit from the base.
