@@ -4,6 +4,7 @@
 
 mod common;
 
+mod accel;
 mod assemble;
 mod browser;
 mod build;
