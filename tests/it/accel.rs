@@ -16,7 +16,13 @@ fn fixtures() -> PathBuf {
 /// The fixture project with `playbook` and `provision:` additions (YAML lines, indented).
 fn project(playbook: &str, provision_extra: &str) -> tempfile::TempDir {
     let d = tempfile::tempdir().unwrap();
-    for f in ["changes.yml", "slow.yml", "failing.yml", "simple.yml"] {
+    for f in [
+        "changes.yml",
+        "slow.yml",
+        "failing.yml",
+        "simple.yml",
+        "respawn.yml",
+    ] {
         std::fs::copy(fixtures().join(f), d.path().join(f)).unwrap();
     }
     let y = std::fs::read_to_string(fixtures().join("image.yaml"))
@@ -277,4 +283,29 @@ fn interrupt_under_mitogen_leaves_nothing_behind() {
     }
     assert!(!private.exists(), "{} left behind", private.display());
     assert!(temp_blobs(&p.path().join(".wpimg/oci")).is_empty());
+}
+
+/// The caveat the README documents: the apt module, lacking python3-apt, installs it and
+/// re-runs itself under another interpreter, which fails under Mitogen (mitogen#849). If a
+/// Mitogen upgrade fixes it, this fails: update the README's caveat.
+#[test]
+fn a_respawning_module_fails_under_mitogen_as_documented() {
+    require_fixtures();
+    require("ansible-playbook");
+    let name = unique("wpimg-test/respawn");
+    let p = accelerated("respawn.yml");
+    let o = run(wpimg()
+        .current_dir(p.path())
+        .args(["build", "--var"])
+        .arg(format!("name={name}")));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    for want in [
+        "AttributeError: module '__main__' has no attribute '_module_fqn'",
+        "MODULE FAILURE",
+        "at task \"Refresh the package lists with the apt module\"",
+    ] {
+        assert!(stderr.contains(want), "{want:?} not in: {stderr}");
+    }
+    assert!(build_containers(&name).is_empty(), "container left behind");
 }
