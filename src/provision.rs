@@ -9,7 +9,12 @@ use tokio::process::Command;
 
 use crate::events::{Event, SharedReporter};
 use crate::leftovers::RunDir;
+use crate::runtime::DEFAULT_DOCKER_HOST;
 use crate::secrets::{Redactor, Secrets};
+
+mod mitogen;
+
+pub use mitogen::{Accelerator, AcceleratorError, Mitogen, MITOGEN_STRATEGY, MITOGEN_VERSION};
 
 /// Default connection plugin: talks to the Engine API directly (no docker CLI per task).
 pub const DEFAULT_CONNECTION: &str = "community.docker.docker_api";
@@ -59,18 +64,27 @@ pub struct ProvisionRun {
     pub secrets: Secrets,
     /// Where the run's private directory is made (the layout's `tmp/`), never the system temp.
     pub state_dir: PathBuf,
+    /// Run under Mitogen (`provision.accelerator: mitogen`): the `docker` connection, whatever
+    /// `connection` says.
+    pub mitogen: Option<Mitogen>,
 }
 
 impl ProvisionRun {
     /// The inventory text for the build container.
     pub fn inventory(&self) -> String {
         let mut vars = serde_json::Map::new();
-        vars.insert("ansible_connection".into(), self.connection.clone().into());
+        // Mitogen takes over the `docker` connection (the docker CLI, which reads DOCKER_HOST
+        // and the TLS settings from the environment), not the Docker API plugin.
+        let connection = match self.mitogen {
+            Some(_) => "docker",
+            None => &self.connection,
+        };
+        vars.insert("ansible_connection".into(), connection.into());
         vars.insert("ansible_host".into(), self.container.clone().into());
         vars.insert("ansible_user".into(), "root".into());
         vars.insert("ansible_python_interpreter".into(), "auto_silent".into());
         if let Some(h) = &self.docker_host {
-            if self.connection.ends_with("docker_api") {
+            if connection.ends_with("docker_api") {
                 // The plugin's daemon URL; `ansible_docker_host` would be the container name.
                 vars.insert("ansible_docker_docker_host".into(), h.clone().into());
                 // The API plugin takes TLS settings from variables only, not DOCKER_TLS_VERIFY.
@@ -125,15 +139,31 @@ impl ProvisionRun {
         env.insert("ANSIBLE_RETRY_FILES_ENABLED".into(), "False".into());
         env.insert("ANSIBLE_NOCOLOR".into(), "1".into());
         env.insert("PYTHONUNBUFFERED".into(), "1".into());
+        if self.docker_host.is_none() && self.mitogen.is_some() {
+            // The docker CLI would follow its current context; the build container is here.
+            env.insert("DOCKER_HOST".into(), DEFAULT_DOCKER_HOST.into());
+        }
         if let Some(h) = &self.docker_host {
             env.insert("DOCKER_HOST".into(), h.clone());
-            // For the CLI-based `community.docker.docker` plugin.
+            // For the docker CLI: `community.docker.docker`, and Mitogen's `docker`.
             if let Some(dir) = &self.docker_tls_cert_dir {
                 env.insert("DOCKER_TLS_VERIFY".into(), "1".into());
                 env.insert("DOCKER_CERT_PATH".into(), dir.display().to_string());
             }
         }
-        env.extend(self.env.clone());
+        // image.yaml's env last, so it can override (ANSIBLE_STRATEGY=mitogen_free, ...);
+        // its PYTHONPATH, or the inherited one, goes behind Mitogen's directory.
+        let mut user = self.env.clone();
+        if let Some(m) = &self.mitogen {
+            let inherited = std::env::var("PYTHONPATH").ok();
+            let pythonpath = user.get("PYTHONPATH").or(inherited.as_ref());
+            let mut accelerated = m.environment(pythonpath.map(String::as_str));
+            if let Some(p) = accelerated.remove("PYTHONPATH") {
+                user.insert("PYTHONPATH".into(), p);
+            }
+            env.extend(accelerated);
+        }
+        env.extend(user);
         env
     }
 }
@@ -178,6 +208,7 @@ impl ProvisionRun {
         self.pipelining
             && !(self.docker_tls_cert_dir.is_some()
                 && self.docker_host.is_some()
+                && self.mitogen.is_none()
                 && self.connection.ends_with("docker_api"))
     }
 
@@ -281,15 +312,9 @@ impl RunFiles {
     }
 }
 
-/// Kills ansible-playbook's process group (the play's workers too) when dropped before
-/// [`GroupGuard::disarm`]: the run was cancelled.
+/// Kills ansible-playbook's process group when dropped: when the run is cancelled, and after it
+/// ended (what it started and left, such as Mitogen's multiplexer or Ansible's workers, goes too).
 struct GroupGuard(Option<i32>);
-
-impl GroupGuard {
-    fn disarm(&mut self) {
-        self.0 = None;
-    }
-}
 
 impl Drop for GroupGuard {
     fn drop(&mut self) {
@@ -373,7 +398,7 @@ pub async fn run(p: &ProvisionRun, reporter: &SharedReporter) -> Result<(), Prov
         .kill_on_drop(true);
     die_with_parent(&mut cmd);
     let mut child = cmd.spawn()?;
-    let mut group = GroupGuard(child.id().map(|id| id as i32));
+    let group = GroupGuard(child.id().map(|id| id as i32));
     let stdout = child.stdout.take();
     let stderr = child.stderr.take();
     let tracker = std::sync::Mutex::new(TaskTracker::default());
@@ -400,7 +425,7 @@ pub async fn run(p: &ProvisionRun, reporter: &SharedReporter) -> Result<(), Prov
         pump(stderr.map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>)),
         child.wait()
     );
-    group.disarm();
+    drop(group);
     drop(files);
     let status = status?;
     if status.success() {
@@ -471,6 +496,7 @@ mod tests {
             docker_tls_cert_dir: None,
             secrets: Secrets::default(),
             state_dir: PathBuf::from("/nonexistent"),
+            mitogen: None,
         }
     }
 
@@ -535,6 +561,43 @@ mod tests {
         assert_eq!(r.environment()["ANSIBLE_PIPELINING"], "False");
         r.docker_tls_cert_dir = None;
         assert_eq!(r.environment()["ANSIBLE_PIPELINING"], "True");
+    }
+
+    #[test]
+    fn mitogen_runs_over_the_docker_cli_connection() {
+        let mut r = run_spec();
+        r.mitogen = Some(Mitogen {
+            package: "/opt/m/ansible_mitogen".into(),
+            version: "0.3.54".into(),
+            pythonpath: Some("/opt/m".into()),
+        });
+        r.docker_host = Some("tcp://10.0.0.1:2376".into());
+        r.docker_tls_cert_dir = Some(PathBuf::from("/certs"));
+        r.env.insert("PYTHONPATH".into(), "/mine".into());
+        let inv: serde_json::Value = serde_json::from_str(&r.inventory()).unwrap();
+        let h = &inv["all"]["hosts"]["default"];
+        assert_eq!(h["ansible_connection"], "docker", "{h}");
+        assert_eq!(h["ansible_host"], "wpimg-build-x");
+        assert!(h.get("ansible_docker_docker_host").is_none(), "{h}");
+        let env = r.environment();
+        assert_eq!(env["ANSIBLE_STRATEGY"], "mitogen_linear");
+        assert_eq!(
+            env["ANSIBLE_STRATEGY_PLUGINS"],
+            "/opt/m/ansible_mitogen/plugins/strategy"
+        );
+        assert_eq!(env["PYTHONPATH"], "/opt/m:/mine");
+        // The docker CLI reaches the same engine, over TLS.
+        assert_eq!(env["DOCKER_HOST"], "tcp://10.0.0.1:2376");
+        assert_eq!(env["DOCKER_TLS_VERIFY"], "1");
+        assert_eq!(env["DOCKER_CERT_PATH"], "/certs");
+        r.docker_host = None;
+        r.docker_tls_cert_dir = None;
+        assert_eq!(r.environment()["DOCKER_HOST"], DEFAULT_DOCKER_HOST);
+        // image.yaml's env still wins for Ansible settings.
+        r.env
+            .insert("ANSIBLE_STRATEGY".into(), "mitogen_free".into());
+        assert_eq!(r.environment()["ANSIBLE_STRATEGY"], "mitogen_free");
+        assert!(!run_spec().environment().contains_key("ANSIBLE_STRATEGY"));
     }
 
     #[test]

@@ -15,7 +15,7 @@ use super::BuildError;
 use crate::events::{Event, PlatformReporter, SharedReporter};
 use crate::layout::Layout;
 use crate::oci::{Descriptor, Platform};
-use crate::provision::{AnsiblePlaybook, Provisioner};
+use crate::provision::{Accelerator, AnsiblePlaybook, Mitogen, Provisioner};
 use crate::reference::Reference;
 use crate::registry::{BlobStream, Client, StreamWriter};
 use crate::runtime::Engine;
@@ -80,6 +80,7 @@ pub struct BuildContext<'a> {
     pub reporter: SharedReporter,
     cancel: CancellationToken,
     provisioner: Arc<dyn Provisioner>,
+    mitogen: Option<Mitogen>,
     layout: Layout,
     stages: Stages,
     layer_upload: Mutex<Option<LayerUpload>>,
@@ -89,7 +90,8 @@ pub struct BuildContext<'a> {
 }
 
 impl<'a> BuildContext<'a> {
-    /// A build of `spec` on `engine` (opens or creates the layout).
+    /// A build of `spec` on `engine` (opens or creates the layout; finds Mitogen for
+    /// `provision.accelerator: mitogen`, a bad-input error when it is missing).
     pub fn new(
         spec: &'a ImageSpec,
         engine: Arc<dyn Engine>,
@@ -106,7 +108,9 @@ impl<'a> BuildContext<'a> {
                 ),
             });
         }
+        let mitogen = find_accelerator(spec, &reporter)?;
         Ok(Self {
+            mitogen,
             leak_scan: LeakScanner::new(secrets),
             layout: Layout::open_or_create(&options.oci_dir)?,
             stages: Stages::new(reporter.clone()),
@@ -176,6 +180,7 @@ impl<'a> BuildContext<'a> {
             background: Mutex::new(Vec::new()),
             platform_engines: Vec::new(),
             leak_scan: self.leak_scan.clone(),
+            mitogen: self.mitogen.clone(),
         }
     }
 
@@ -199,6 +204,11 @@ impl<'a> BuildContext<'a> {
     /// The provisioner.
     pub fn provisioner(&self) -> &dyn Provisioner {
         self.provisioner.as_ref()
+    }
+
+    /// Mitogen, when provisioning runs under it (`provision.accelerator: mitogen`).
+    pub fn mitogen(&self) -> Option<&Mitogen> {
+        self.mitogen.as_ref()
     }
 
     /// Stream the new layer to a registry while it is compressed.
@@ -317,4 +327,36 @@ impl<'a> BuildContext<'a> {
             stream.discard(DISCARD_DEADLINE).await;
         }
     }
+}
+
+/// Mitogen for `provision.accelerator: mitogen` (at `provision.mitogen_path`, relative to
+/// image.yaml, or in ansible-playbook's Python), said in a note.
+fn find_accelerator(
+    spec: &ImageSpec,
+    reporter: &SharedReporter,
+) -> Result<Option<Mitogen>, BuildError> {
+    let p = &spec.provision;
+    if p.accelerator() != Accelerator::Mitogen {
+        return Ok(None);
+    }
+    let at = p.mitogen_path.as_ref().map(|m| spec.source.dir.join(m));
+    let mitogen = Mitogen::find(at.as_deref(), &p.env.clone().unwrap_or_default())?;
+    if let Some(conn) = p
+        .connection
+        .as_deref()
+        .filter(|c| c.ends_with("docker_api"))
+    {
+        reporter.event(Event::Warning {
+            message: format!("provision.connection {conn} is not used: Mitogen runs over the `docker` connection (the docker CLI)"),
+        });
+    }
+    reporter.event(Event::Note {
+        message: format!(
+            "accelerator: Mitogen {} ({}), strategy {}",
+            mitogen.version,
+            mitogen.package.display(),
+            crate::provision::MITOGEN_STRATEGY
+        ),
+    });
+    Ok(Some(mitogen))
 }

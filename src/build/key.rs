@@ -123,6 +123,7 @@ fn settings(step: &Step, src: &KeySource<'_>, k: &mut KeyInputs) {
     k.push("setting:playbook", rel(src.spec_dir, &step.playbook));
     k.push("setting:connection", step.connection.as_str());
     k.push("setting:pipelining", step.pipelining.to_string());
+    k.push("setting:accelerator", step.accelerator.as_str());
     k.push("setting:ansible_args", json(&step.ansible_args));
     k.push("setting:cache_mounts", json(&step.cache_mounts));
     k.push("setting:inputs", json(&step.inputs));

@@ -78,6 +78,9 @@ pub enum BuildError {
         /// The container kept with `--keep-on-error`.
         kept: Option<String>,
     },
+    /// What `provision.accelerator` needs is missing.
+    #[error(transparent)]
+    Accelerator(#[from] crate::provision::AcceleratorError),
     /// Producing the layer failed.
     #[error("producing the layer")]
     Layer(#[from] crate::layer::LayerError),
@@ -171,6 +174,7 @@ impl HasKind for BuildError {
             }
             BuildError::Pull { source, .. } => source.kind(),
             BuildError::Platform { source, .. } => source.kind(),
+            BuildError::Accelerator(source) => source.kind(),
             _ => ErrorKind::Failure,
         }
     }

@@ -53,6 +53,8 @@ pub struct Step {
     pub connection: String,
     /// Ansible pipelining.
     pub pipelining: bool,
+    /// `none` or `mitogen` (after `--accelerator`).
+    pub accelerator: provision::Accelerator,
     /// Cache mount paths.
     pub cache_mounts: Vec<String>,
     /// More files the step reads (globs relative to image.yaml).
@@ -77,6 +79,7 @@ impl Step {
                 .clone()
                 .unwrap_or_else(|| provision::DEFAULT_CONNECTION.to_string()),
             pipelining: p.pipelining.unwrap_or(true),
+            accelerator: p.accelerator(),
             cache_mounts: p.cache_mounts.clone().unwrap_or_default(),
             inputs: p.inputs.clone().unwrap_or_default(),
             named: false,
@@ -609,6 +612,7 @@ impl StepRun<'_> {
             docker_tls_cert_dir: self.ctx.options.docker_tls_cert_dir.clone(),
             secrets: self.ctx.spec.source.secret_values.clone(),
             state_dir: self.ctx.state_dir(),
+            mitogen: self.ctx.mitogen().cloned(),
         }
     }
 

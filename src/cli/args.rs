@@ -218,6 +218,10 @@ pub struct BuildArgs {
     /// Do not reuse a cached layer (the new one is still cached).
     #[arg(long)]
     pub no_cache: bool,
+    /// Provisioning accelerator, beating image.yaml's provision.accelerator: mitogen (Mitogen
+    /// for Ansible over the `docker` connection) or none [default: image.yaml's, else none].
+    #[arg(long, value_enum, value_name = "ACCELERATOR")]
+    pub accelerator: Option<crate::provision::Accelerator>,
     /// Share the build cache through this registry repository (with --ecr: an ECR repository).
     #[arg(long, value_name = "REPOSITORY")]
     pub cache_repo: Option<String>,

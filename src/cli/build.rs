@@ -40,7 +40,8 @@ pub async fn run(g: &GlobalArgs, b: &BuildArgs, out: &Arc<Output>) -> anyhow::Re
         )
         .into());
     }
-    let spec = settings::load_spec(g, &b.image_yaml)?;
+    let mut spec = settings::load_spec(g, &b.image_yaml)?;
+    settings::apply_accelerator(&mut spec, b.accelerator);
     let flags = settings::engine_flags(&b.engines, &spec, |k| {
         std::env::var(k).ok().filter(|v| !v.is_empty())
     })?;

@@ -26,6 +26,14 @@ pub fn load_spec(g: &GlobalArgs, path: &Path) -> Result<ImageSpec, crate::spec::
     crate::spec::load(path, &ov)
 }
 
+/// `--accelerator` over image.yaml's `provision.accelerator` (an equal value leaves the spec, and
+/// so its cache key, as it is).
+pub fn apply_accelerator(spec: &mut ImageSpec, flag: Option<crate::provision::Accelerator>) {
+    if let Some(a) = flag.filter(|a| *a != spec.provision.accelerator()) {
+        spec.provision.accelerator = Some(a);
+    }
+}
+
 /// `--oci-dir`, else `.wpimg/oci` next to image.yaml.
 pub fn oci_dir(g: &GlobalArgs, image_yaml: &Path) -> PathBuf {
     g.oci_dir

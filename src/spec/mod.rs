@@ -20,6 +20,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub use crate::layer::Compression;
+pub use crate::provision::Accelerator;
 pub use sbom::SbomSetting;
 pub use vars::{interpolate, Overrides, Var, Vars};
 
@@ -263,6 +264,19 @@ pub struct Provision {
     pub inputs: Option<Vec<String>>,
     /// Required unless `playbook` is given: the steps, in order; each yields one layer.
     pub steps: Option<Vec<StepSpec>>,
+    /// Optional: none (default) or mitogen: run every step's playbook under Mitogen for
+    /// Ansible (strategy mitogen_linear over the `docker` connection); --accelerator beats it.
+    pub accelerator: Option<Accelerator>,
+    /// Optional: directory holding Mitogen (`ansible_mitogen`, as `pip install --target DIR
+    /// mitogen` lays it out), relative to image.yaml; else ansible-playbook's own Python has it.
+    pub mitogen_path: Option<PathBuf>,
+}
+
+impl Provision {
+    /// The accelerator (none unless set).
+    pub fn accelerator(&self) -> Accelerator {
+        self.accelerator.unwrap_or_default()
+    }
 }
 
 /// One provisioning step (`provision.steps[]`).

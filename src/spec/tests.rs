@@ -460,3 +460,42 @@ fn platforms_are_checked_with_their_lines() {
     let s = r.unwrap_err().to_string();
     assert!(s.contains(":5:11: platform: invalid platform"), "{s}");
 }
+
+#[test]
+fn accelerator_is_none_unless_set_and_mitogen_refuses_docker_api() {
+    let (_d, r) = load_str(MINIMAL);
+    assert_eq!(r.unwrap().provision.accelerator(), Accelerator::None);
+    let (_d, r) = load_str(&format!(
+        "{MINIMAL}  accelerator: mitogen\n  mitogen_path: vendor/mitogen\n"
+    ));
+    let s = r.unwrap();
+    assert_eq!(s.provision.accelerator(), Accelerator::Mitogen);
+    // Kept as written (resolved against image.yaml when Mitogen is looked for).
+    assert_eq!(
+        s.provision.mitogen_path.as_deref(),
+        Some(Path::new("vendor/mitogen"))
+    );
+    let (_d, r) = load_str(&format!("{MINIMAL}  accelerator: turbo\n"));
+    let e = r.unwrap_err().to_string();
+    assert!(
+        e.contains(":5:") && e.contains("provision.accelerator"),
+        "{e}"
+    );
+    let (_d, r) = load_str(&format!(
+        "{MINIMAL}  accelerator: mitogen\n  connection: community.docker.docker_api\n"
+    ));
+    let e = r.unwrap_err().to_string();
+    assert!(
+        e.contains("image.yaml:6:") && e.contains("cannot be accelerated"),
+        "{e}"
+    );
+    let (_d, r) = load_str(&format!(
+        "{MINIMAL}  accelerator: mitogen\n  connection: community.docker.docker\n"
+    ));
+    assert!(r.is_ok());
+    let schema = json_schema().to_string();
+    assert!(
+        schema.contains("mitogen") && schema.contains("mitogen_path"),
+        "{schema}"
+    );
+}

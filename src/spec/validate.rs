@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use super::{
-    ImageSettings, ImageSpec, KeyPath, LayerSettings, Problem, Provision, SbomSetting, StepSpec,
-    Target, REDACTED,
+    Accelerator, ImageSettings, ImageSpec, KeyPath, LayerSettings, Problem, Provision, SbomSetting,
+    StepSpec, Target, REDACTED,
 };
 use crate::reference::{validate_repository, validate_tag, Reference};
 
@@ -208,6 +208,18 @@ fn provision(p: &mut Provision, dir: &Path, at: &KeyPath, c: &mut Checks<'_>) {
             c.bad(
                 &at.key("connection"),
                 format!("unsupported connection {conn:?}: community.docker.docker_api, community.docker.docker or docker"),
+            );
+        }
+    }
+    if p.accelerator() == Accelerator::Mitogen {
+        if let Some(conn) = p
+            .connection
+            .as_deref()
+            .filter(|c| c.ends_with("docker_api"))
+        {
+            c.bad(
+                &at.key("connection"),
+                format!("{conn} cannot be accelerated: Mitogen takes over the `docker` connection (the docker CLI); remove provision.connection or set it to community.docker.docker"),
             );
         }
     }

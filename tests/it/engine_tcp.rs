@@ -257,6 +257,39 @@ fn build_over_mutual_tls() {
     check_contents(&engine, &format!("{name}:latest"));
     assert_clean(&engine, &name, &oci);
 
+    // Under Mitogen (issue 17) the docker CLI drives the build container: DOCKER_HOST and
+    // the TLS settings reach it, and the result is the same.
+    require_mitogen();
+    let y = std::fs::read_to_string(p.path().join("image.yaml"))
+        .unwrap()
+        .replace(
+            "playbook: changes.yml",
+            &format!("playbook: changes.yml\n  mitogen_path: {MITOGEN_PATH}"),
+        );
+    write(&p.path().join("image.yaml"), &y);
+    let o = run(engine
+        .env(&mut wpimg())
+        .current_dir(p.path())
+        .args([
+            "build",
+            "-v",
+            "--load",
+            "--no-cache",
+            "--accelerator",
+            "mitogen",
+            "--var",
+        ])
+        .arg(format!("name={name}")));
+    let err = stderr(&o);
+    assert!(
+        o.status.success(),
+        "build over TLS under Mitogen failed:\n{err}\ndockerd log:\n{}",
+        engine.log()
+    );
+    assert!(err.contains("accelerator: Mitogen "), "{err}");
+    check_contents(&engine, &format!("{name}:latest"));
+    assert_clean(&engine, &name, &oci);
+
     // A client directory without key.pem: the error names the file and the host.
     let partial = certs.path().join("partial");
     std::fs::create_dir_all(&partial).unwrap();

@@ -4,6 +4,7 @@
 
 mod common;
 
+mod accel;
 mod assemble;
 mod bad_inputs;
 mod browser;

@@ -3,6 +3,7 @@
 //! WordPress over HTTP, check health endpoints, SIGTERM shutdown, that the database password
 //! is in no layer, and that the image's SBOM lists exactly its packages.
 
+use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -60,9 +61,17 @@ fn wordpress_image_builds_pushes_runs_and_installs() {
     let id = unique("wp");
     let password = format!("db-{id}-Secret");
 
-    // Build with wpimg from the repository's image.yaml on the local Debian base, push it,
-    // pull it by digest and run it against MariaDB.
-    let built = build_wordpress(&reg, oci.path(), "e2e");
+    // Build with wpimg from the repository's image.yaml on the local Debian base under Mitogen
+    // (issue 17), push it, pull it by digest and run it against MariaDB.
+    require_mitogen();
+    let built = build_wordpress_with(&reg, oci.path(), "e2e", &["--accelerator", "mitogen"]);
+    assert!(
+        built.events.iter().any(|e| e["event"] == "note"
+            && e["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("accelerator: Mitogen "))),
+        "not built under Mitogen"
+    );
     eprintln!("stages: {}", built.result["stages"]);
     assert_sbom_lists_the_image(&reg, oci.path(), &built);
     let db = Mariadb::start(&password);
@@ -192,6 +201,58 @@ fn wordpress_image_builds_pushes_runs_and_installs() {
 
     // No layer of the pushed image holds the password.
     assert_not_in_blobs(&reg, &password);
+
+    // Without the accelerator the play makes the same files, with the same modes and owners.
+    same_files_as_without_the_accelerator(oci.path(), &built.result);
+}
+
+/// Build image.yaml again with `--accelerator none` and compare its new layer's listing with
+/// the one of `accelerated` (path, type, mode, owner, link target; contents and times vary).
+fn same_files_as_without_the_accelerator(oci: &Path, accelerated: &serde_json::Value) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let o = run(wpimg()
+        .current_dir(root)
+        .arg("--oci-dir")
+        .arg(oci)
+        .args(["build", "image.yaml", "--json", "--accelerator", "none"])
+        .args(["--var", &format!("base={BASE}")]));
+    assert!(
+        o.status.success(),
+        "wpimg build --accelerator none failed:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let plain: serde_json::Value = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .rfind(|e| e["event"] == "result")
+        .expect("no result event");
+    assert_eq!(
+        plain["cache"], "miss",
+        "the accelerator is in the cache key"
+    );
+    let with = layer_listing(oci, &new_layer(accelerated));
+    let without = layer_listing(oci, &new_layer(&plain));
+    let only = |a: &BTreeMap<String, Entry>, b: &BTreeMap<String, Entry>| -> Vec<String> {
+        a.keys().filter(|k| !b.contains_key(*k)).cloned().collect()
+    };
+    let differ: Vec<String> = with
+        .iter()
+        .filter_map(|(k, e)| {
+            let o = without.get(k)?;
+            (o != e).then(|| format!("{k}: {e:?} (mitogen) vs {o:?} (none)"))
+        })
+        .collect();
+    let (only_with, only_without) = (only(&with, &without), only(&without, &with));
+    assert!(
+        only_with.is_empty() && only_without.is_empty() && differ.is_empty(),
+        "layers differ ({} entries with Mitogen, {} without)\nonly with Mitogen: {:?}\nonly without: {:?}\ndifferent: {:?}",
+        with.len(),
+        without.len(),
+        &only_with[..only_with.len().min(40)],
+        &only_without[..only_without.len().min(40)],
+        &differ[..differ.len().min(40)]
+    );
+    eprintln!("same {} layer entries with and without Mitogen", with.len());
 }
 
 /// The package the WordPress play purges from the Debian base (bootstrap_debian_purge).

@@ -20,6 +20,19 @@ pub const BASE: &str = "127.0.0.1:5000/debian:bookworm";
 /// Debian bookworm minbase without python3.
 pub const BASE_NO_PYTHON: &str = "127.0.0.1:5000/debian:bookworm-minbase";
 
+/// Where scripts/setup installs Mitogen for Ansible (`provision.mitogen_path`).
+pub const MITOGEN_PATH: &str = "/opt/wpimg-mitogen";
+
+/// Fail (never skip) unless scripts/setup's Mitogen is there.
+pub fn require_mitogen() {
+    let strategy =
+        Path::new(MITOGEN_PATH).join("ansible_mitogen/plugins/strategy/mitogen_linear.py");
+    assert!(
+        strategy.is_file(),
+        "Mitogen is not installed in {MITOGEN_PATH}: run scripts/setup"
+    );
+}
+
 /// Path of the wpimg binary under test.
 pub fn wpimg_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_wpimg"))

@@ -221,6 +221,16 @@ pub struct BuiltImage {
 /// Build the repository's image.yaml on the Debian fixture base into `oci_dir`, push it to
 /// `reg` as `wordpress:TAG` and pull it by digest.
 pub fn build_wordpress(reg: &Registry, oci_dir: &Path, tag: &str) -> BuiltImage {
+    build_wordpress_with(reg, oci_dir, tag, &[])
+}
+
+/// [`build_wordpress`] with extra `wpimg build` arguments (`--accelerator mitogen`).
+pub fn build_wordpress_with(
+    reg: &Registry,
+    oci_dir: &Path,
+    tag: &str,
+    extra: &[&str],
+) -> BuiltImage {
     require_fixtures();
     require("ansible-playbook");
     let repo = format!("{}/wordpress", reg.host());
@@ -239,6 +249,7 @@ pub fn build_wordpress(reg: &Registry, oci_dir: &Path, tag: &str) -> BuiltImage 
             "--tag",
             tag,
         ])
+        .args(extra)
         .args(["--var", &format!("base={BASE}")]));
     assert!(
         o.status.success(),
@@ -296,4 +307,54 @@ pub fn run_wordpress(name: &str, image: &str, db: &Mariadb, publish: &str, extra
 pub fn published_url(name: &str) -> String {
     let port = ok_stdout(Command::new("docker").args(["port", name, "80/tcp"]));
     format!("http://{}", port.lines().next().unwrap_or_default().trim())
+}
+
+/// One entry of a layer as compared between builds: type, mode, owner, link target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// Tar entry type byte.
+    pub ty: char,
+    /// Permission bits (with setuid/setgid/sticky).
+    pub mode: u32,
+    /// Owner.
+    pub uid: u64,
+    /// Group.
+    pub gid: u64,
+    /// Symlink or hard link target.
+    pub link: String,
+}
+
+/// The entries of a gzip layer blob of an OCI layout, by path.
+pub fn layer_listing(oci_dir: &Path, digest: &str) -> std::collections::BTreeMap<String, Entry> {
+    let hex = digest.strip_prefix("sha256:").expect("a sha256 digest");
+    let blob = std::fs::File::open(oci_dir.join("blobs/sha256").join(hex)).unwrap();
+    let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(blob));
+    let mut out = std::collections::BTreeMap::new();
+    for e in ar.entries().unwrap() {
+        let e = e.unwrap();
+        let h = e.header();
+        let link = e
+            .link_name_bytes()
+            .map(|l| String::from_utf8_lossy(&l).into_owned())
+            .unwrap_or_default();
+        let entry = Entry {
+            ty: h.entry_type().as_byte() as char,
+            mode: h.mode().unwrap(),
+            uid: h.uid().unwrap(),
+            gid: h.gid().unwrap(),
+            link,
+        };
+        out.insert(String::from_utf8_lossy(&e.path_bytes()).into_owned(), entry);
+    }
+    out
+}
+
+/// The new layer (the last one wpimg made) of a build's `result` event.
+pub fn new_layer(result: &serde_json::Value) -> String {
+    result["layers"]
+        .as_array()
+        .and_then(|ls| ls.iter().rev().find(|l| l["new"] == true))
+        .and_then(|l| l["digest"].as_str())
+        .unwrap_or_else(|| panic!("no new layer in {result}"))
+        .to_string()
 }
