@@ -136,15 +136,6 @@ pub struct VolumeInfo {
     pub mountpoint: String,
 }
 
-/// An image of the engine.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ImageInfo {
-    /// Its ID (`sha256:...`).
-    pub id: String,
-    /// Its labels.
-    pub labels: HashMap<String, String>,
-}
-
 /// A container or image with its labels.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Labelled {
@@ -191,8 +182,6 @@ pub trait Engine: Send + Sync {
     async fn volumes_with_label(&self, label: &str) -> Result<Vec<VolumeInfo>, RuntimeError>;
     /// Remove a volume; `false` when a container still uses it.
     async fn remove_volume(&self, name: &str) -> Result<bool, RuntimeError>;
-    /// Images carrying a label (`KEY` or `KEY=VALUE`).
-    async fn images_with_label(&self, label: &str) -> Result<Vec<ImageInfo>, RuntimeError>;
     /// Create (never start) a container named `name` of `image`: an engine-wide mutex. `false`
     /// when a container of that name exists.
     async fn create_marker(
@@ -709,26 +698,6 @@ impl Engine for DockerEngine {
         }
     }
 
-    async fn images_with_label(&self, label: &str) -> Result<Vec<ImageInfo>, RuntimeError> {
-        let filters = HashMap::from([("label".to_string(), vec![label.to_string()])]);
-        let opts = bollard::query_parameters::ListImagesOptionsBuilder::default()
-            .all(true)
-            .filters(&filters)
-            .build();
-        let list = self
-            .docker
-            .list_images(Some(opts))
-            .await
-            .map_err(api("list images"))?;
-        Ok(list
-            .into_iter()
-            .map(|i| ImageInfo {
-                id: i.id,
-                labels: i.labels,
-            })
-            .collect())
-    }
-
     async fn create_marker(
         &self,
         name: &str,
@@ -1015,10 +984,6 @@ impl Engine for FakeEngine {
             v.remove(name);
         }
         Ok(true)
-    }
-    async fn images_with_label(&self, label: &str) -> Result<Vec<ImageInfo>, RuntimeError> {
-        self.record(format!("images_with_label {label}"));
-        Ok(vec![])
     }
     async fn create_marker(
         &self,

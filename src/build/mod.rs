@@ -429,6 +429,16 @@ async fn squash_layers(
     })
 }
 
+/// image.yaml's `base`, parsed (a bad reference is bad input naming it).
+fn base_reference(ctx: &BuildContext<'_>) -> Result<Reference, BuildError> {
+    ctx.spec.base.parse().map_err(
+        |e: crate::reference::ReferenceError| BuildError::BadReference {
+            reference: ctx.spec.base.clone(),
+            message: e.to_string(),
+        },
+    )
+}
+
 fn base_error(ctx: &BuildContext<'_>, source: OciError) -> BuildError {
     BuildError::Base {
         reference: ctx.spec.base.clone(),
@@ -438,16 +448,7 @@ fn base_error(ctx: &BuildContext<'_>, source: OciError) -> BuildError {
 
 /// The base image for `platform`, pulled into the layout.
 async fn pull_base(ctx: &BuildContext<'_>, platform: &Platform) -> Result<PulledImage, BuildError> {
-    let base: Reference =
-        ctx.spec
-            .base
-            .parse()
-            .map_err(
-                |e: crate::reference::ReferenceError| BuildError::BadReference {
-                    reference: ctx.spec.base.clone(),
-                    message: e.to_string(),
-                },
-            )?;
+    let base = base_reference(ctx)?;
     ctx.client
         .pull_image(&base, platform, ctx.layout(), &ctx.reporter)
         .await

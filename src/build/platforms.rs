@@ -17,7 +17,6 @@ use super::report::PlatformReport;
 use super::{build_platform, docker_archive, report, BuildContext, BuildError, PlatformBuild};
 use crate::build::BuildReport;
 use crate::oci::{Index, Manifest, Platform};
-use crate::reference::Reference;
 use crate::runtime::{Engine, EngineInfo};
 
 /// The engine a platform builds on, and how Ansible reaches it.
@@ -125,16 +124,7 @@ async fn own_platform(
 /// The base must offer every platform: its index lists them, or it is one image of the only
 /// platform wanted.
 async fn check_base(ctx: &BuildContext<'_>, platforms: &[Platform]) -> Result<(), BuildError> {
-    let base: Reference =
-        ctx.spec
-            .base
-            .parse()
-            .map_err(
-                |e: crate::reference::ReferenceError| BuildError::BadReference {
-                    reference: ctx.spec.base.clone(),
-                    message: e.to_string(),
-                },
-            )?;
+    let base = super::base_reference(ctx)?;
     let pull_error = |source| BuildError::Pull {
         reference: ctx.spec.base.clone(),
         source: Box::new(source),

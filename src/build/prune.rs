@@ -199,7 +199,7 @@ async fn prune_images(
     report: &mut PruneReport,
 ) -> Result<(), BuildError> {
     let keep: BTreeSet<&str> = kept.iter().map(|e| e.key.as_str()).collect();
-    for img in engine.images_with_label(STEP_IMAGE_LABEL).await? {
+    for img in engine.labelled_images(STEP_IMAGE_LABEL).await? {
         let key = img
             .labels
             .get(STEP_IMAGE_LABEL)

@@ -229,12 +229,14 @@ fn interrupt_under_mitogen_leaves_nothing_behind() {
         .find(|(pid, _)| parent_of(*pid) == Some(child.id()))
         .map(|(_, cmdline)| cmdline)
         .unwrap_or_else(|| panic!("no ansible-playbook under wpimg: {seen}"));
+    // The run directory (under the layout's tmp/) is named after wpimg's pid.
+    let run_dir = format!("run-{}-", child.id());
     let private = leader
         .split(' ')
         .find_map(|a| {
-            let i = a.find("wpimg-ansible-")?;
+            let i = a.find(&run_dir)?;
             let end = a[i..].find('/').map_or(a.len(), |e| e + i);
-            Some(PathBuf::from(&a[..end]))
+            Some(PathBuf::from(a[..end].trim_start_matches("@")))
         })
         .unwrap_or_else(|| panic!("no private directory in {leader}"));
     let private_name = private.display().to_string();

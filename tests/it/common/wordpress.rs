@@ -349,6 +349,28 @@ pub fn layer_listing(oci_dir: &Path, digest: &str) -> std::collections::BTreeMap
     out
 }
 
+/// The new layers (one per step, base first) of a build's `result` event.
+pub fn new_layers(result: &serde_json::Value) -> Vec<String> {
+    result["layers"]
+        .as_array()
+        .map(|ls| {
+            ls.iter()
+                .filter(|l| l["new"] == true)
+                .filter_map(|l| l["digest"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Directories of `listing` with nothing below them in it: a directory a play only touched
+/// (overlayfs records one where a file was made and removed again), kept with its base mode.
+pub fn touched_only(listing: &std::collections::BTreeMap<String, Entry>, path: &str) -> bool {
+    listing.get(path).is_some_and(|e| e.ty == '5')
+        && !listing
+            .keys()
+            .any(|k| k.len() > path.len() && k.starts_with(path))
+}
+
 /// The new layer (the last one wpimg made) of a build's `result` event.
 pub fn new_layer(result: &serde_json::Value) -> String {
     result["layers"]
