@@ -257,14 +257,15 @@ fn outputs_under_mitogen_and_a_secret_output_is_refused() {
     let accel = format!("  accelerator: mitogen\n  mitogen_path: {MITOGEN_PATH}\n");
     project(p.path(), "127.0.0.1:5000/wpimg-test/outputs", &accel, "");
 
-    let built = build_ok(p.path(), &oci, &name, &[]);
+    let (built, lines) = build_out(p.path(), &oci, &name, &[]);
+    assert!(lines.contains("accelerator: Mitogen "), "not under Mitogen");
     assert_eq!(built["outputs"]["app_version"], "2.0", "{built}");
     assert_eq!(built["outputs"]["host_only"], "h");
     let c = config(p.path(), &oci, &name);
     assert_eq!(c["Labels"]["org.opencontainers.image.version"], "2.0");
 
     // An output holding the build secret fails the build, naming it, never the value.
-    let o = run(wpimg_in(p.path(), &oci, &name).args(["build", "--var", "leak=yes"]));
+    let o = run(wpimg_in(p.path(), &oci, &name).args(["--var", "leak=yes", "build"]));
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(
