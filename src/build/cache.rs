@@ -483,6 +483,25 @@ mod tests {
     }
 
     #[test]
+    fn an_entry_written_before_outputs_has_none() {
+        let layer = Descriptor::new(
+            crate::oci::MEDIA_TYPE_OCI_LAYER_GZIP,
+            Digest::of_bytes(b"l"),
+            1,
+        );
+        let e = entry("k", layer, &KeyInputs::default());
+        let json = serde_json::to_string(&e).unwrap();
+        assert!(!json.contains("outputs"), "{json}");
+        let back: CacheEntry = serde_json::from_str(&json).unwrap();
+        assert!(back.outputs.is_empty());
+        let mut with = e.clone();
+        with.outputs.insert("v".into(), "1".into());
+        let back: CacheEntry =
+            serde_json::from_str(&serde_json::to_string(&with).unwrap()).unwrap();
+        assert_eq!(back, with);
+    }
+
+    #[test]
     fn entries_roundtrip_need_their_blob_and_track_the_newest() {
         let d = tempfile::tempdir().unwrap();
         let l = Layout::open_or_create(d.path()).unwrap();

@@ -99,7 +99,8 @@ pub async fn run(g: &GlobalArgs, b: &BuildArgs, out: &Arc<Output>) -> anyhow::Re
     build_summary(out, &report);
     if let Some(t) = &mut target {
         // image.yaml's tags using outputs, from this build's (checked before tagging).
-        t.tags = crate::outputs::resolve_tags(&t.tags, &report.outputs, Source::Build)?;
+        let tags = crate::outputs::resolve_tags(&t.tags, &report.outputs, Source::Build)?;
+        t.set_tags(tags);
     }
 
     let pushed = match &target {

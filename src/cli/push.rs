@@ -94,11 +94,12 @@ fn resolve_outputs(
         return Ok(());
     }
     let stored = outputs::stored(layout, &desc.digest).unwrap_or_default();
-    target.tags = outputs::resolve_tags(
+    let tags = outputs::resolve_tags(
         &target.tags,
         &stored.outputs,
         outputs::Source::Stored(&desc.digest),
     )?;
+    target.set_tags(tags);
     Ok(())
 }
 

@@ -154,6 +154,14 @@ impl PushOutcome {
 }
 
 impl PushTarget {
+    /// Replace the tags (image.yaml's with their outputs resolved), for every kind of target.
+    pub fn set_tags(&mut self, tags: Vec<String>) {
+        if let TargetKind::Ecr(opts) = &mut self.kind {
+            opts.tags = tags.clone();
+        }
+        self.tags = tags;
+    }
+
     /// The destination as `HOST/REPO` (or the ECR repository as written).
     pub fn repository(&self) -> String {
         match &self.kind {

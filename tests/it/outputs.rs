@@ -93,6 +93,11 @@ fn result(o: &Output) -> Value {
 }
 
 fn build_ok(dir: &Path, oci: &Path, name: &str, args: &[&str]) -> Value {
+    build_out(dir, oci, name, args).0
+}
+
+/// A build that must succeed: its result and its JSON lines.
+fn build_out(dir: &Path, oci: &Path, name: &str, args: &[&str]) -> (Value, String) {
     let o = run(wpimg_in(dir, oci, name)
         .args(["build", "--json"])
         .args(args));
@@ -101,7 +106,7 @@ fn build_ok(dir: &Path, oci: &Path, name: &str, args: &[&str]) -> Value {
         "build failed:\n{}",
         String::from_utf8_lossy(&o.stderr)
     );
-    result(&o)
+    (result(&o), String::from_utf8_lossy(&o.stdout).into_owned())
 }
 
 /// The config of `NAME:latest` in the layout.
