@@ -1,8 +1,8 @@
 //! Provisioning outputs (issue 16) end to end, with real Docker and ansible-playbook: a play's
 //! `set_stats` in a label, an env value and a tag; the same outputs (and digest) from a cache
-//! hit; a reference to an output no step reported (exit 2, nothing tagged); `wpimg validate`;
-//! `wpimg push` of the resolved tag to a private registry; the same under Mitogen, and an
-//! output holding a build secret refused.
+//! hit, local or from `--cache-repo`; a reference to an output no step reported (exit 2,
+//! nothing tagged); `wpimg validate`; `wpimg push` of the resolved tag to a private registry;
+//! the same under Mitogen, and an output holding a build secret refused.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -170,7 +170,8 @@ fn outputs_resolve_labels_env_and_tags_survive_the_cache_and_push() {
     assert_eq!(spec["target"]["tags"][1], "${outputs.app_version}");
     assert!(!oci.exists(), "validate made a layout");
 
-    let first = build_ok(p.path(), &oci, &name, &[]);
+    let cache_repo = format!("{}/wpimg/outputs-cache", reg.host());
+    let first = build_ok(p.path(), &oci, &name, &["--cache-repo", &cache_repo]);
     let want = json!({"app_version": "2.0", "count": "3", "flavour": "plain", "host_only": "h"});
     assert_eq!(first["outputs"], want, "{first}");
     let c = config(p.path(), &oci, &name);
@@ -190,6 +191,13 @@ fn outputs_resolve_labels_env_and_tags_survive_the_cache_and_push() {
     assert_eq!(again["cache"], "hit", "{again}");
     assert_eq!(again["outputs"], want);
     assert_eq!(again["manifest"]["digest"], first["manifest"]["digest"]);
+
+    // Another layout finds both steps in the cache repository, with their outputs.
+    let elsewhere = p.path().join("oci-elsewhere");
+    let shared = build_ok(p.path(), &elsewhere, &name, &["--cache-repo", &cache_repo]);
+    assert_eq!(shared["cache"], "hit", "{shared}");
+    assert_eq!(shared["outputs"], want);
+    assert_eq!(shared["manifest"]["digest"], first["manifest"]["digest"]);
 
     // The manifest file has them too.
     let manifest = p.path().join("build-manifest.json");
