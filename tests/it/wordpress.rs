@@ -1,7 +1,8 @@
 //! The WordPress image end to end: `wpimg build --push` of the top-level image.yaml on the
 //! Debian fixture base, then pull and run the pushed image against a real MariaDB, install
 //! WordPress over HTTP, check health endpoints, SIGTERM shutdown, that the database password
-//! is in no layer, and that the image's SBOM lists exactly its packages.
+//! is in no layer, that the image's SBOM lists exactly its packages, and that its version label
+//! and version tag are the WordPress version installed (provisioning outputs).
 
 use std::collections::BTreeMap;
 use std::io::Read;
