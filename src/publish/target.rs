@@ -286,6 +286,21 @@ pub fn index_entries(layout: &Layout, manifest: &Descriptor) -> Vec<Descriptor> 
 mod tests {
     use super::*;
 
+    #[test]
+    fn resolved_tags_reach_an_ecr_push_too() {
+        let mut t = PushTarget {
+            kind: TargetKind::Ecr(Box::default()),
+            tags: vec!["latest".into(), "${outputs.v}".into()],
+            signer: None,
+        };
+        t.set_tags(vec!["latest".into(), "6.1.9".into()]);
+        let TargetKind::Ecr(opts) = &t.kind else {
+            panic!("not ECR")
+        };
+        assert_eq!(opts.tags, ["latest", "6.1.9"]);
+        assert_eq!(t.tags, ["latest", "6.1.9"]);
+    }
+
     fn target(tags: &[&str]) -> Target {
         Target {
             repository: "r.example/app".into(),
