@@ -78,6 +78,8 @@ fn known_kind(e: &(dyn std::error::Error + 'static)) -> Option<ErrorKind> {
         crate::sign::SignError,
         crate::sbom::SbomError,
         crate::supply::SupplyError,
+        crate::outputs::OutputsError,
+        crate::provision::ProvisionError,
     );
     None
 }

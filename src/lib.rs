@@ -13,6 +13,7 @@ pub mod layer;
 pub mod layout;
 pub mod leftovers;
 pub mod oci;
+pub mod outputs;
 pub mod provenance;
 pub mod provision;
 pub mod publish;

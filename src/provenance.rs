@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use crate::build::{BuildReport, CacheOutcome, LayerReport, StageTime, StepReport};
 use crate::oci::{Descriptor, Digest};
+use crate::outputs::Outputs;
 use crate::publish::PushOutcome;
 
 /// One pushed destination.
@@ -59,6 +60,9 @@ pub struct BuildManifest {
     /// Each platform's image of a multi-platform image.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub platforms: Vec<PlatformImage>,
+    /// The provisioning outputs (`set_stats`) the build resolved image.yaml's
+    /// `${outputs.NAME}` with (an index: the first platform's; each platform's in `platforms`).
+    pub outputs: Option<Outputs>,
 }
 
 /// One platform's image of an index.
@@ -77,6 +81,9 @@ pub struct PlatformImage {
     /// Its layers, base first (a build knows them).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub layers: Option<Vec<LayerReport>>,
+    /// Its provisioning outputs (a build knows them).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outputs: Option<Outputs>,
 }
 
 impl PlatformImage {
@@ -92,6 +99,7 @@ impl PlatformImage {
             config_digest: None,
             base_digest: None,
             layers: None,
+            outputs: None,
         }
     }
 }
@@ -129,8 +137,10 @@ impl BuildManifest {
                     config_digest: Some(p.config_digest.clone()),
                     base_digest: Some(p.base_digest.clone()),
                     layers: Some(p.layers.clone()),
+                    outputs: Some(p.outputs.clone()),
                 })
                 .collect(),
+            outputs: Some(report.outputs.clone()),
         }
     }
 
@@ -158,6 +168,7 @@ impl BuildManifest {
                 .iter()
                 .map(PlatformImage::of_entry)
                 .collect(),
+            outputs: None,
         }
     }
 
@@ -242,6 +253,7 @@ mod tests {
             squashed: false,
             index_digest: None,
             platforms: vec![],
+            outputs: Outputs::from([("wordpress_version".to_string(), "6.1.9".to_string())]),
         };
         let pushed = PushOutcome {
             image_uri: format!("r/app@{}", d("m")),
@@ -292,9 +304,11 @@ mod tests {
                 "cache",
                 "steps",
                 "stages",
-                "pushed"
+                "pushed",
+                "outputs"
             ]
         );
+        assert_eq!(doc["outputs"]["wordpress_version"], "6.1.9");
         assert_eq!(doc["manifest_digest"], d("m").to_string());
         assert_eq!(doc["pushed"][0]["image_uri"], format!("r/app@{}", d("m")));
         assert_eq!(doc["git_revision"], "abc");

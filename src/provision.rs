@@ -9,12 +9,15 @@ use tokio::process::Command;
 
 use crate::events::{Event, SharedReporter};
 use crate::leftovers::RunDir;
+use crate::outputs::{Outputs, OutputsError};
 use crate::runtime::DEFAULT_DOCKER_HOST;
 use crate::secrets::{Redactor, Secrets};
 
 mod mitogen;
+mod outputs;
 
 pub use mitogen::{Accelerator, AcceleratorError, Mitogen, MITOGEN_STRATEGY, MITOGEN_VERSION};
+pub use outputs::{OutputsCallback, CALLBACK_NAME, OUTPUTS_FILE_ENV};
 
 /// Default connection plugin: talks to the Engine API directly (no docker CLI per task).
 pub const DEFAULT_CONNECTION: &str = "community.docker.docker_api";
@@ -33,9 +36,21 @@ pub enum ProvisionError {
         /// The failing task's name, when seen in the output.
         task: Option<String>,
     },
+    /// The outputs the play reported cannot be used.
+    #[error("the play's outputs (set_stats)")]
+    Outputs(#[source] Box<OutputsError>),
     /// Local I/O (temp files, spawning).
     #[error(transparent)]
     Io(#[from] std::io::Error),
+}
+
+impl crate::error::HasKind for ProvisionError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        match self {
+            ProvisionError::Outputs(e) => e.kind(),
+            _ => crate::error::ErrorKind::Failure,
+        }
+    }
 }
 
 /// Everything needed to run the playbook.
@@ -230,8 +245,13 @@ impl ProvisionRun {
 /// Runs a step's playbook against a build container (Ansible; a fake in unit tests).
 #[async_trait::async_trait]
 pub trait Provisioner: Send + Sync {
-    /// Run `p`, streaming its output through `reporter`; dropping the future stops it.
-    async fn run(&self, p: &ProvisionRun, reporter: &SharedReporter) -> Result<(), ProvisionError>;
+    /// Run `p`, streaming its output through `reporter`; dropping the future stops it. Returns
+    /// the outputs the play reported (`set_stats`).
+    async fn run(
+        &self,
+        p: &ProvisionRun,
+        reporter: &SharedReporter,
+    ) -> Result<Outputs, ProvisionError>;
 }
 
 /// The real provisioner: `ansible-playbook` through a docker connection.
@@ -239,7 +259,11 @@ pub struct AnsiblePlaybook;
 
 #[async_trait::async_trait]
 impl Provisioner for AnsiblePlaybook {
-    async fn run(&self, p: &ProvisionRun, reporter: &SharedReporter) -> Result<(), ProvisionError> {
+    async fn run(
+        &self,
+        p: &ProvisionRun,
+        reporter: &SharedReporter,
+    ) -> Result<Outputs, ProvisionError> {
         run(p, reporter).await
     }
 }
@@ -279,12 +303,14 @@ impl TaskTracker {
     }
 }
 
-/// The run's private files: inventory, extra vars and secrets (mode 0600) in a [`RunDir`].
+/// The run's private files: inventory, extra vars and secrets (mode 0600) in a [`RunDir`], and
+/// the outputs callback.
 struct RunFiles {
     dir: RunDir,
     inventory: PathBuf,
     extra_vars: PathBuf,
     secrets: Option<PathBuf>,
+    callback: OutputsCallback,
 }
 
 impl RunFiles {
@@ -303,11 +329,13 @@ impl RunFiles {
                 Some(path)
             }
         };
+        let callback = OutputsCallback::write(dir.path())?;
         Ok(Self {
             dir,
             inventory,
             extra_vars,
             secrets,
+            callback,
         })
     }
 }
@@ -356,10 +384,10 @@ fn die_with_parent(cmd: &mut Command) {
 }
 
 /// Run the playbook, streaming each output line (secret values redacted) as an
-/// [`Event::Output`]. If this future is dropped (cancellation), the play's whole process group is
-/// killed and its private files removed; if wpimg itself is killed, the kernel kills
-/// ansible-playbook and the next build removes the files.
-pub async fn run(p: &ProvisionRun, reporter: &SharedReporter) -> Result<(), ProvisionError> {
+/// [`Event::Output`], and return the outputs it reported. If this future is dropped
+/// (cancellation), the play's whole process group is killed and its private files removed; if
+/// wpimg itself is killed, the kernel kills ansible-playbook and the next build removes the files.
+pub async fn run(p: &ProvisionRun, reporter: &SharedReporter) -> Result<Outputs, ProvisionError> {
     let program = which("ansible-playbook").ok_or(ProvisionError::NotInstalled)?;
     let files = RunFiles::write(p)?;
     let argv = p.argv(
@@ -389,8 +417,12 @@ pub async fn run(p: &ProvisionRun, reporter: &SharedReporter) -> Result<(), Prov
     for k in p.removed_environment() {
         cmd.env_remove(k);
     }
+    let environment = p.environment();
+    let inherited = |k: &str| std::env::var(k).ok();
+    let callback_env = files.callback.environment(&environment, &inherited);
     cmd.args(&argv)
-        .envs(p.environment())
+        .envs(environment)
+        .envs(callback_env)
         .env("ANSIBLE_LOCAL_TEMP", files.dir.join("tmp"))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -426,10 +458,14 @@ pub async fn run(p: &ProvisionRun, reporter: &SharedReporter) -> Result<(), Prov
         child.wait()
     );
     drop(group);
+    let reported = files.callback.read();
     drop(files);
     let status = status?;
     if status.success() {
-        Ok(())
+        let outputs = reported.map_err(|e| ProvisionError::Outputs(Box::new(e)))?;
+        crate::outputs::check_secrets(&outputs, &p.secrets)
+            .map_err(|e| ProvisionError::Outputs(Box::new(e)))?;
+        Ok(outputs)
     } else {
         let task = tracker
             .lock()

@@ -47,6 +47,10 @@ pub struct CacheEntry {
     /// The inputs of the key (salted digests, never values).
     #[serde(default)]
     pub inputs: Vec<Input>,
+    /// The outputs the step's play reported (`set_stats`): a hit gives them back. An entry
+    /// written before outputs existed has none.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub outputs: crate::outputs::Outputs,
 }
 
 impl CacheEntry {
@@ -69,6 +73,7 @@ impl CacheEntry {
             platform: String::new(),
             salt: String::new(),
             inputs: Vec::new(),
+            outputs: Default::default(),
         };
         e.remember(owner, inputs);
         e
@@ -150,6 +155,8 @@ pub fn explain(newest: Option<&CacheEntry>, key: &str, now: &KeyInputs) -> Vec<S
 const CACHE_TAG_PREFIX: &str = "wpimg-cache-";
 const CACHE_CREATED_LABEL: &str = "io.wpimg.cache.created";
 const CACHE_SIZE_LABEL: &str = "io.wpimg.cache.uncompressed-size";
+/// Label of a cache image: the step's outputs as a JSON object (absent when it had none).
+const CACHE_OUTPUTS_LABEL: &str = "io.wpimg.cache.outputs";
 
 /// The build cache of one build: the layout's entries, and a registry repository's with
 /// `--cache-repo`.
@@ -279,7 +286,7 @@ fn cache_ref(repo: &Reference, key: &str) -> Option<Reference> {
 }
 
 /// The image a cache entry is shared as: its layer on an empty base, with the entry's creation
-/// time and uncompressed size as labels.
+/// time, uncompressed size and outputs as labels.
 fn cache_image(entry: &CacheEntry, platform: &Platform) -> Result<Image, crate::oci::OciError> {
     let layer = Addendum {
         layer: entry.layer.clone(),
@@ -287,13 +294,18 @@ fn cache_image(entry: &CacheEntry, platform: &Platform) -> Result<Image, crate::
         history: None,
     };
     Image::scratch(platform).append(&[layer], entry.created, |c| {
-        c.config.labels = Some(BTreeMap::from([
+        let mut labels = BTreeMap::from([
             (CACHE_CREATED_LABEL.to_string(), entry.created.to_string()),
             (
                 CACHE_SIZE_LABEL.to_string(),
                 entry.uncompressed_size.to_string(),
             ),
-        ]));
+        ]);
+        if !entry.outputs.is_empty() {
+            let json = serde_json::to_string(&entry.outputs).unwrap_or_default();
+            labels.insert(CACHE_OUTPUTS_LABEL.to_string(), json);
+        }
+        c.config.labels = Some(labels);
     })
 }
 
@@ -311,6 +323,10 @@ fn entry_of(key: &str, image: &Image) -> Option<CacheEntry> {
         platform: String::new(),
         salt: String::new(),
         inputs: Vec::new(),
+        outputs: match labels.get(CACHE_OUTPUTS_LABEL) {
+            Some(json) => serde_json::from_str(json).ok()?,
+            None => Default::default(),
+        },
     })
 }
 
@@ -452,9 +468,11 @@ mod tests {
             Digest::of_bytes(b"l"),
             1,
         );
-        let e = entry("k", layer, &KeyInputs::default());
+        let mut e = entry("k", layer, &KeyInputs::default());
+        e.outputs.insert("wordpress_version".into(), "6.1.9".into());
         let img = cache_image(&e, &Platform::parse("linux/arm64/v8").unwrap()).unwrap();
         let back = entry_of("k", &img).unwrap();
+        assert_eq!(back.outputs, e.outputs);
         assert_eq!(
             (back.layer, back.diff_id),
             (e.layer.clone(), e.diff_id.clone())
@@ -462,6 +480,25 @@ mod tests {
         assert_eq!((back.uncompressed_size, back.created), (10, 1_700_000_000));
         assert_eq!(img.config.variant.as_deref(), Some("v8"));
         assert!(img.config.history.is_empty());
+    }
+
+    #[test]
+    fn an_entry_written_before_outputs_has_none() {
+        let layer = Descriptor::new(
+            crate::oci::MEDIA_TYPE_OCI_LAYER_GZIP,
+            Digest::of_bytes(b"l"),
+            1,
+        );
+        let e = entry("k", layer, &KeyInputs::default());
+        let json = serde_json::to_string(&e).unwrap();
+        assert!(!json.contains("outputs"), "{json}");
+        let back: CacheEntry = serde_json::from_str(&json).unwrap();
+        assert!(back.outputs.is_empty());
+        let mut with = e.clone();
+        with.outputs.insert("v".into(), "1".into());
+        let back: CacheEntry =
+            serde_json::from_str(&serde_json::to_string(&with).unwrap()).unwrap();
+        assert_eq!(back, with);
     }
 
     #[test]

@@ -22,8 +22,9 @@ use super::step::Step;
 use crate::oci::Digest;
 use crate::spec::LayerSettings;
 
-/// Version of the key recipe and of wpimg's layer format; bump when either changes.
-pub const KEY_VERSION: &str = "wpimg-cache-v2 layer-format-1";
+/// Version of the key recipe and of wpimg's layer format; bump when either changes (v3: entries
+/// keep the outputs of their step, so an older entry, which has none, is never hit).
+pub const KEY_VERSION: &str = "wpimg-cache-v3 layer-format-1";
 
 /// One remembered input: its name (`file:roles/app/templates/x.j2`, `var:db_name`, ...) and a
 /// salted digest of its value.

@@ -41,6 +41,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{ErrorKind, HasKind};
 use crate::oci::{self, Image, OciError, Platform};
+use crate::outputs::{Outputs, Source, StoredOutputs};
 use crate::provision::ProvisionError;
 use crate::reference::Reference;
 use crate::registry::{PulledImage, RegistryError};
@@ -151,6 +152,9 @@ pub enum BuildError {
         /// The platforms built.
         platforms: Vec<String>,
     },
+    /// The outputs image.yaml uses cannot be resolved (nothing is tagged).
+    #[error(transparent)]
+    Outputs(Box<crate::outputs::OutputsError>),
     /// One platform of a multi-platform build failed.
     #[error("platform {platform}")]
     Platform {
@@ -175,6 +179,8 @@ impl HasKind for BuildError {
             BuildError::Pull { source, .. } => source.kind(),
             BuildError::Platform { source, .. } => source.kind(),
             BuildError::Accelerator(source) => source.kind(),
+            BuildError::Outputs(source) => source.kind(),
+            BuildError::Provision { source, .. } => source.kind(),
             _ => ErrorKind::Failure,
         }
     }
@@ -197,6 +203,8 @@ pub struct PlatformBuild {
     /// The image the last step ran in (when there were several steps), which the engine may
     /// have: `--load` leaves its layers out.
     pub last_parent: Option<Image>,
+    /// The steps' outputs, merged in step order (a later step's value wins).
+    pub outputs: Outputs,
 }
 
 /// Run a whole build: the image for the spec's platform, tagged `NAME:TAG` in the layout, and
@@ -225,6 +233,7 @@ async fn build_tagged(ctx: &BuildContext<'_>) -> Result<BuildReport, BuildError>
         platforms::check_runs(ctx, &platform, &engine).await?;
     }
     let built = build_platform(ctx, &platform, &engine).await?;
+    crate::outputs::resolve_tags(&target_tags(ctx), &built.outputs, Source::Build)?;
     let reference = ctx.spec.local_ref();
     ctx.layout().tag(&reference, &built.image.descriptor)?;
     let loaded = match ctx.options.load {
@@ -237,6 +246,21 @@ async fn build_tagged(ctx: &BuildContext<'_>) -> Result<BuildReport, BuildError>
         false => None,
     };
     Ok(report(ctx, built, reference, loaded))
+}
+
+impl From<crate::outputs::OutputsError> for BuildError {
+    fn from(e: crate::outputs::OutputsError) -> Self {
+        BuildError::Outputs(Box::new(e))
+    }
+}
+
+/// image.yaml's `target.tags` (templates when they use outputs).
+fn target_tags(ctx: &BuildContext<'_>) -> Vec<String> {
+    ctx.spec
+        .target
+        .as_ref()
+        .map(crate::spec::Target::tags)
+        .unwrap_or_default()
 }
 
 /// `--load`: the result into the engine, without the layers it has from the last step's parent.
@@ -305,6 +329,8 @@ pub async fn build_platform(
     let last_parent = chain.parent_of_top().cloned();
     let outcomes = finish_steps(ctx, done, platform, failed).await?;
     drop(chain);
+    let outputs = crate::outputs::merge(outcomes.iter().map(|o| &o.outputs));
+    let settings = crate::outputs::resolve_settings(ctx.spec, &outputs)?;
     let squashed = match squash && outcomes.len() > 1 {
         true => Some(
             ctx.stage("squash", squash_layers(ctx, &outcomes, platform))
@@ -315,7 +341,6 @@ pub async fn build_platform(
     ctx.abort_layer_upload();
     let image = ctx
         .stage("assemble", async {
-            let settings = ctx.spec.image_settings();
             let image = match &squashed {
                 Some(layer) => assemble_squashed(&base.image, &outcomes, layer, &settings),
                 None => assemble(&base.image, &outcomes, &settings),
@@ -323,6 +348,11 @@ pub async fn build_platform(
             .map_err(|source| base_error(ctx, source))?;
             ctx.scan_config(&image)?;
             ctx.layout().write_image(&image)?;
+            let stored = StoredOutputs {
+                outputs: outputs.clone(),
+                platforms: Default::default(),
+            };
+            crate::outputs::store(ctx.layout(), &image.descriptor.digest, &stored)?;
             Ok::<_, BuildError>(image)
         })
         .await?;
@@ -337,6 +367,7 @@ pub async fn build_platform(
         sbom,
         squashed: squashed.is_some(),
         last_parent,
+        outputs,
     })
 }
 
@@ -504,6 +535,7 @@ fn report(
         squashed: built.squashed,
         index_digest: None,
         platforms: Vec::new(),
+        outputs: built.outputs,
     }
 }
 

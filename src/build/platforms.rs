@@ -17,6 +17,7 @@ use super::report::PlatformReport;
 use super::{build_platform, docker_archive, report, BuildContext, BuildError, PlatformBuild};
 use crate::build::BuildReport;
 use crate::oci::{Index, Manifest, Platform};
+use crate::outputs::{Outputs, StoredOutputs};
 use crate::runtime::{Engine, EngineInfo};
 
 /// The engine a platform builds on, and how Ansible reaches it.
@@ -66,6 +67,11 @@ pub(super) async fn build_index(
     ctx.stage("probe", probe_all(&lanes)).await?;
     ctx.stage("resolve", check_base(ctx, platforms)).await?;
     let built = build_all(ctx, &lanes, platforms).await?;
+    let outputs: Vec<(String, &Outputs)> = built
+        .iter()
+        .map(|b| (b.platform.to_string(), &b.build.outputs))
+        .collect();
+    crate::outputs::resolve_index_tags(&super::target_tags(ctx), &outputs)?;
     let index = Index::new(
         built
             .iter()
@@ -74,6 +80,14 @@ pub(super) async fn build_index(
     );
     let reference = ctx.spec.local_ref();
     ctx.layout().write_index(&index)?;
+    let stored = StoredOutputs {
+        outputs: built
+            .first()
+            .map(|b| b.build.outputs.clone())
+            .unwrap_or_default(),
+        platforms: outputs.into_iter().map(|(p, o)| (p, o.clone())).collect(),
+    };
+    crate::outputs::store(ctx.layout(), &index.descriptor.digest, &stored)?;
     ctx.layout().tag(&reference, &index.descriptor)?;
     let loaded = match own {
         Some(own) => Some(load_own(ctx, &built, &own, &reference).await?),

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use serde::Serialize;
 
 use crate::oci::{Descriptor, Digest};
+use crate::outputs::Outputs;
 
 /// Wall time of one stage.
 #[derive(Debug, Clone, Serialize)]
@@ -170,6 +171,9 @@ pub struct BuildReport {
     /// A multi-platform build's images, in `platforms:` order (empty for one image).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub platforms: Vec<PlatformReport>,
+    /// The provisioning outputs (`set_stats` of every step, merged in step order; an index:
+    /// the first platform's, each platform's are in `platforms`).
+    pub outputs: Outputs,
 }
 
 /// The SBOM of a built image, stored in the layout.
@@ -220,6 +224,8 @@ pub struct PlatformReport {
     pub sbom: Option<SbomReport>,
     /// Wall time of its build, in seconds.
     pub seconds: f64,
+    /// Its provisioning outputs.
+    pub outputs: Outputs,
 }
 
 impl PlatformReport {
@@ -242,6 +248,7 @@ impl PlatformReport {
             steps: report.steps,
             sbom: report.sbom,
             seconds,
+            outputs: report.outputs,
         }
     }
 }

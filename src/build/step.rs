@@ -154,6 +154,8 @@ pub struct StepOutcome {
     pub container: Option<String>,
     /// Wall time of the step (lookup to layer read; background compression not included).
     pub seconds: f64,
+    /// The outputs its play reported (`set_stats`), or its cache entry kept.
+    pub outputs: crate::outputs::Outputs,
 }
 
 impl StepOutcome {
@@ -277,13 +279,14 @@ impl StepDone {
             step: &outcome.name,
             platform: &platform_name,
         };
-        let entry = CacheEntry::new(
+        let mut entry = CacheEntry::new(
             &outcome.cache_key,
             &info,
             outcome.created,
             &owner,
             &p.inputs,
         );
+        entry.outputs = outcome.outputs.clone();
         store(ctx, &entry, &owner, platform).await?;
         outcome.layer = info.descriptor();
         Ok(outcome)
@@ -323,6 +326,14 @@ async fn store(
         pushing.finish();
     }
     Ok(())
+}
+
+/// What a provisioned container gave: its layer (uncompressed), where it was read from, and the
+/// play's outputs.
+struct Produced {
+    layer: LayerInfo,
+    source: LayerSource,
+    outputs: crate::outputs::Outputs,
 }
 
 /// One run of a step on the newest image of a chain.
@@ -444,6 +455,7 @@ impl StepRun<'_> {
                 source: LayerSource::Cache,
                 container: None,
                 seconds: started.elapsed().as_secs_f64(),
+                outputs: e.outputs,
             },
             spool: None,
             pending: None,
@@ -465,7 +477,12 @@ impl StepRun<'_> {
         ctx.cancellable(self.chain.ensure_loaded(ctx)).await??;
         loading.finish();
         let spool = Arc::new(self.spool_path()?);
-        let (info, source, container) = self.produce(&spool).await?;
+        let (produced, container) = self.produce(&spool).await?;
+        let Produced {
+            layer: info,
+            source,
+            outputs,
+        } = produced;
         let created = oci::source_date_epoch().unwrap_or_else(oci::now_unix);
         let mut opts = self.layer_options();
         let writer = self.may_stream.then(|| ctx.take_layer_writer()).flatten();
@@ -496,6 +513,7 @@ impl StepRun<'_> {
                 source,
                 container: Some(container),
                 seconds: started.elapsed().as_secs_f64(),
+                outputs,
             },
             spool: Some(spool),
             pending: Some(Pending {
@@ -520,11 +538,8 @@ impl StepRun<'_> {
 
     /// A build container of the parent (with the cache mounts, locked), provisioned and read as
     /// an uncompressed layer into `spool`, then removed in the background (kept after a failed
-    /// play with `--keep-on-error`). Returns the layer and the container's name.
-    async fn produce(
-        &self,
-        spool: &std::path::Path,
-    ) -> Result<(LayerInfo, LayerSource, String), BuildError> {
+    /// play with `--keep-on-error`). Returns what it produced and the container's name.
+    async fn produce(&self, spool: &std::path::Path) -> Result<(Produced, String), BuildError> {
         let ctx = self.ctx;
         let parent = self.chain.top().config_id();
         let locks = match self.step.cache_mounts.is_empty() {
@@ -552,9 +567,9 @@ impl StepRun<'_> {
                 kept: Some(container.keep().await),
             }),
             Err(e) => container.remove().await.map_err(Into::into).and(Err(e)),
-            Ok((info, source)) => {
+            Ok(produced) => {
                 container.remove_in_background(ctx);
-                Ok((info, source, spec.name))
+                Ok((produced, spec.name))
             }
         };
         // The container is stopped (or gone): nothing writes to the volumes any more.
@@ -569,11 +584,12 @@ impl StepRun<'_> {
         container: &BuildContainer,
         provisioning: StageTimer<'_>,
         spool: &std::path::Path,
-    ) -> Result<(LayerInfo, LayerSource), BuildError> {
+    ) -> Result<Produced, BuildError> {
         let run = self.provision_run(container.name());
         // Dropped when cancelled (ansible-playbook is killed); the layer read below handles
         // cancellation itself, so that its temp files are gone when it returns.
-        self.ctx
+        let outputs = self
+            .ctx
             .cancellable(self.ctx.provisioner().run(&run, &self.ctx.reporter))
             .await?
             .map_err(|source| BuildError::Provision { source, kept: None })?;
@@ -588,11 +604,15 @@ impl StepRun<'_> {
             path: self.ctx.options.layer_path,
             layout: self.ctx.layout(),
         };
-        let layer = extraction
+        let (layer, source) = extraction
             .spool(container, self.layer_options(), spool)
             .await?;
         reading.finish();
-        Ok(layer)
+        Ok(Produced {
+            layer,
+            source,
+            outputs,
+        })
     }
 
     fn provision_run(&self, container: &str) -> ProvisionRun {

@@ -33,7 +33,11 @@ struct FakeAnsible {
 
 #[async_trait::async_trait]
 impl Provisioner for FakeAnsible {
-    async fn run(&self, p: &ProvisionRun, _: &SharedReporter) -> Result<(), ProvisionError> {
+    async fn run(
+        &self,
+        p: &ProvisionRun,
+        _: &SharedReporter,
+    ) -> Result<crate::outputs::Outputs, ProvisionError> {
         if let Ok(mut c) = self.containers.lock() {
             c.push(p.container.clone());
         }
@@ -41,7 +45,10 @@ impl Provisioner for FakeAnsible {
             Play::Writes => {
                 std::fs::create_dir_all(self.upper.join("etc"))?;
                 std::fs::write(self.upper.join("etc/app.conf"), "provisioned\n")?;
-                Ok(())
+                Ok(crate::outputs::Outputs::from([(
+                    "version".to_string(),
+                    "1.2.3".to_string(),
+                )]))
             }
             Play::Fails => Err(ProvisionError::Failed {
                 code: 2,
@@ -49,7 +56,7 @@ impl Provisioner for FakeAnsible {
             }),
             Play::Hangs => {
                 tokio::time::sleep(Duration::from_secs(3600)).await;
-                Ok(())
+                Ok(Default::default())
             }
         }
     }
@@ -208,6 +215,11 @@ async fn a_step_misses_then_hits_the_cache() {
     assert_eq!(again.source, LayerSource::Cache);
     assert_eq!(again.layer, first.layer);
     assert_eq!(again.created, first.created, "a hit keeps the layer's time");
+    assert_eq!(first.outputs["version"], "1.2.3");
+    assert_eq!(
+        again.outputs, first.outputs,
+        "a hit gives the play's outputs back"
+    );
     assert_eq!(engine.calls().len(), calls_before, "a hit needs no engine");
 
     let forced = f.context(

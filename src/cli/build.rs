@@ -14,6 +14,7 @@ use crate::error::{ErrorKind, HasKind};
 use crate::events::SharedReporter;
 use crate::layout::Layout;
 use crate::oci::{Descriptor, Platform};
+use crate::outputs::Source;
 use crate::provenance::{git_revision, BuildManifest};
 use crate::publish::PushOutcome;
 use crate::runtime::DockerEngine;
@@ -49,7 +50,7 @@ pub async fn run(g: &GlobalArgs, b: &BuildArgs, out: &Arc<Output>) -> anyhow::Re
     let (client, cache_repo) = settings::build_client(g, b, &spec).await?;
     // The push target is resolved first: a bad destination fails before the build, and a
     // registry push streams the new layer while it is compressed.
-    let target = match b.push {
+    let mut target = match b.push {
         true => {
             let mut t = settings::push_target(g, &b.push_args, Some(&spec))?;
             t.signer = settings::signer(&b.push_args).await?;
@@ -96,6 +97,11 @@ pub async fn run(g: &GlobalArgs, b: &BuildArgs, out: &Arc<Output>) -> anyhow::Re
         }
     };
     build_summary(out, &report);
+    if let Some(t) = &mut target {
+        // image.yaml's tags using outputs, from this build's (checked before tagging).
+        let tags = crate::outputs::resolve_tags(&t.tags, &report.outputs, Source::Build)?;
+        t.set_tags(tags);
+    }
 
     let pushed = match &target {
         Some(t) => match push::push_until(t, &layout, &report.manifest, out, &cancel).await {

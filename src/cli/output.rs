@@ -243,6 +243,10 @@ pub fn build_summary(out: &Output, r: &crate::build::BuildReport) {
         .map(|s| format!("{} {:.1}s", s.stage, s.seconds))
         .collect();
     out.say(&format!("stages: {}", times.join(", ")));
+    if !r.outputs.is_empty() {
+        let shown: Vec<String> = r.outputs.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        out.say(&format!("outputs: {}", shown.join(", ")));
+    }
 }
 
 /// The summary of a multi-platform build: the index, then a line per platform.

@@ -13,6 +13,7 @@ use crate::error::Interrupted;
 use crate::events::SharedReporter;
 use crate::layout::Layout;
 use crate::oci::Descriptor;
+use crate::outputs;
 use crate::provenance::{git_revision, BuildManifest};
 use crate::publish::{PushOutcome, PushTarget, TargetKind};
 use crate::reference::LayoutRef;
@@ -32,6 +33,7 @@ pub async fn run(g: &GlobalArgs, p: &PushCmd, out: &Arc<Output>) -> anyhow::Resu
         Some(spec) => built_image(g, p, spec)?,
         None => from_layout(p.from.as_deref().unwrap_or_default())?,
     };
+    resolve_outputs(&mut target, &layout, &desc)?;
     let pushed = push_until(&target, &layout, &desc, out, &cancel).await?;
     if let Some(path) = &p.manifest {
         let revision = git_revision(crate::spec::dir_of(&p.image_yaml));
@@ -79,6 +81,26 @@ pub async fn push_until(
             Err(Interrupted.into())
         }
     }
+}
+
+/// image.yaml's tags that use `${outputs.NAME}`, from the outputs the build stored for the
+/// image being pushed.
+fn resolve_outputs(
+    target: &mut PushTarget,
+    layout: &Layout,
+    desc: &Descriptor,
+) -> anyhow::Result<()> {
+    if !target.tags.iter().any(|t| outputs::uses_outputs(t)) {
+        return Ok(());
+    }
+    let stored = outputs::stored(layout, &desc.digest).unwrap_or_default();
+    let tags = outputs::resolve_tags(
+        &target.tags,
+        &stored.outputs,
+        outputs::Source::Stored(&desc.digest),
+    )?;
+    target.set_tags(tags);
+    Ok(())
 }
 
 /// `--from oci:DIR[:NAME:TAG]`: any OCI layout's image.

@@ -189,6 +189,11 @@ pub fn push_target(
     let (repository, to_tag) = destination(args, spec)?;
     let tags = push_tags(&args.tags, to_tag.as_deref(), args.to.is_some(), target);
     for t in &tags {
+        // image.yaml's tags using outputs were checked at load; they resolve after the build.
+        let from_spec = !args.tags.contains(t) && to_tag.as_deref() != Some(t.as_str());
+        if from_spec && crate::outputs::uses_outputs(t) {
+            continue;
+        }
         let flag = match to_tag.as_deref() == Some(t.as_str()) {
             true => "--to",
             false => "--tag",

@@ -154,6 +154,14 @@ impl PushOutcome {
 }
 
 impl PushTarget {
+    /// Replace the tags (image.yaml's with their outputs resolved), for every kind of target.
+    pub fn set_tags(&mut self, tags: Vec<String>) {
+        if let TargetKind::Ecr(opts) = &mut self.kind {
+            opts.tags = tags.clone();
+        }
+        self.tags = tags;
+    }
+
     /// The destination as `HOST/REPO` (or the ECR repository as written).
     pub fn repository(&self) -> String {
         match &self.kind {
@@ -277,6 +285,21 @@ pub fn index_entries(layout: &Layout, manifest: &Descriptor) -> Vec<Descriptor> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resolved_tags_reach_an_ecr_push_too() {
+        let mut t = PushTarget {
+            kind: TargetKind::Ecr(Box::default()),
+            tags: vec!["latest".into(), "${outputs.v}".into()],
+            signer: None,
+        };
+        t.set_tags(vec!["latest".into(), "6.1.9".into()]);
+        let TargetKind::Ecr(opts) = &t.kind else {
+            panic!("not ECR")
+        };
+        assert_eq!(opts.tags, ["latest", "6.1.9"]);
+        assert_eq!(t.tags, ["latest", "6.1.9"]);
+    }
 
     fn target(tags: &[&str]) -> Target {
         Target {

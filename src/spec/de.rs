@@ -28,6 +28,7 @@ pub(crate) struct Typing<'a> {
     problems: RefCell<Vec<Problem>>,
     locations: RefCell<BTreeMap<KeyPath, (u64, u64)>>,
     secret: RefCell<BTreeSet<KeyPath>>,
+    outputs: RefCell<BTreeSet<KeyPath>>,
 }
 
 /// What a typing pass found besides the value.
@@ -35,6 +36,8 @@ pub(crate) struct Found {
     pub problems: Vec<Problem>,
     pub locations: BTreeMap<KeyPath, (u64, u64)>,
     pub secret: BTreeSet<KeyPath>,
+    /// Values that use `${outputs.NAME}` (kept as templates).
+    pub outputs: BTreeSet<KeyPath>,
 }
 
 impl<'a> Typing<'a> {
@@ -46,6 +49,7 @@ impl<'a> Typing<'a> {
             problems: RefCell::default(),
             locations: RefCell::default(),
             secret: RefCell::default(),
+            outputs: RefCell::default(),
         }
     }
 
@@ -73,6 +77,7 @@ impl<'a> Typing<'a> {
             problems: self.problems.into_inner(),
             locations: self.locations.into_inner(),
             secret: self.secret.into_inner(),
+            outputs: self.outputs.into_inner(),
         }
     }
 
@@ -179,11 +184,14 @@ impl<'a, 't> NodeDe<'a, 't> {
     fn text(&self) -> Option<Result<String, ()>> {
         match &self.node?.v {
             Val::Str(s) => Some(match interpolate_vars(s, self.t.vars) {
-                Ok((v, secret)) => {
-                    if secret {
+                Ok(e) => {
+                    if e.secret {
                         self.t.secret.borrow_mut().insert(self.path.clone());
                     }
-                    Ok(v)
+                    if e.outputs {
+                        self.t.outputs.borrow_mut().insert(self.path.clone());
+                    }
+                    Ok(e.value)
                 }
                 Err(msg) => {
                     self.problem(msg);

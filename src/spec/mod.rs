@@ -132,6 +132,11 @@ impl KeyPath {
         self.0.starts_with(&prefix.0)
     }
 
+    /// How many keys and indexes deep the path is.
+    pub fn depth(&self) -> usize {
+        self.0.len()
+    }
+
     /// The last key name.
     pub fn last_key(&self) -> Option<String> {
         self.0.iter().rev().find_map(|s| match s {
@@ -225,6 +230,10 @@ pub struct SpecSource {
     /// The files `secrets:` reads (left out of the cache key).
     #[serde(skip)]
     pub secret_files: Vec<PathBuf>,
+    /// Values that use `${outputs.NAME}`: templates resolved after provisioning
+    /// ([`crate::outputs`]); only under `image.labels`, `image.env` and `target.tags`.
+    #[serde(skip)]
+    pub outputs: BTreeSet<KeyPath>,
 }
 
 /// Where a build secret's value comes from: exactly one of `env` and `file`.
@@ -410,7 +419,8 @@ impl LayerSettings {
 pub struct Target {
     /// Required: repository: HOST/PATH (no tag), or a bare ECR repository name.
     pub repository: String,
-    /// Optional: tags (default [latest]); the first is also the local layout tag.
+    /// Optional: tags (default [latest]); they may use `${outputs.NAME}`. The first tag that
+    /// uses no output (else `latest`) is also the local layout tag.
     pub tags: Option<Vec<String>>,
     /// Optional: Amazon ECR settings (with --ecr).
     pub ecr: Option<EcrSettings>,
@@ -480,11 +490,16 @@ impl EcrSettings {
 }
 
 impl ImageSpec {
-    /// The tag used in the local layout: the first target tag, else `latest`.
+    /// The tag used in the local layout: the first target tag that uses no output (known
+    /// before the build, so that `wpimg push` finds the image), else `latest`.
     pub fn local_tag(&self) -> String {
         self.target
             .as_ref()
-            .and_then(|t| t.tags().first().cloned())
+            .and_then(|t| {
+                t.tags()
+                    .into_iter()
+                    .find(|t| !crate::outputs::uses_outputs(t))
+            })
             .unwrap_or_else(|| crate::reference::DEFAULT_TAG.to_string())
     }
 
@@ -696,6 +711,7 @@ pub fn load(path: &Path, ov: &Overrides) -> Result<ImageSpec, SpecError> {
         dir: dir.clone(),
         raw: text,
         secret,
+        outputs: found.outputs,
         ..Default::default()
     };
     let mut checks = validate::Checks::new(path, &found.locations, &mut problems);

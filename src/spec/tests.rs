@@ -499,3 +499,74 @@ fn accelerator_is_none_unless_set_and_mitogen_refuses_docker_api() {
         "{schema}"
     );
 }
+
+#[test]
+fn outputs_are_placeholders_in_labels_env_and_tags() {
+    let (_d, r) = load_str(&format!(
+        "{MINIMAL}variables:\n  v: x\nimage:\n  labels:\n    version: ${{outputs.wp}}\n    both: ${{v}}-${{outputs.wp:-none}}-$${{lit}}\n    plain: $${{lit}}\n  env:\n    WP: ${{outputs.wp}}\ntarget:\n  repository: 127.0.0.1:5000/app\n  tags: [\"${{outputs.wp}}\", latest, \"v${{outputs.wp}}\"]\n"
+    ));
+    let s = r.unwrap();
+    let labels = s.image.as_ref().unwrap().labels.clone().unwrap();
+    assert_eq!(labels["version"], "${outputs.wp}");
+    assert_eq!(labels["both"], "x-${outputs.wp:-none}-$${lit}");
+    assert_eq!(labels["plain"], "${lit}");
+    let templates: Vec<String> = s.source.outputs.iter().map(|p| p.to_string()).collect();
+    assert_eq!(
+        templates,
+        [
+            "image.env.WP",
+            "image.labels.both",
+            "image.labels.version",
+            "target.tags[0]",
+            "target.tags[2]"
+        ]
+    );
+    // The local tag is the first one known before the build.
+    assert_eq!(s.local_ref(), "app:latest");
+    let json = s.redacted_json();
+    assert_eq!(json["image"]["labels"]["version"], "${outputs.wp}");
+    assert_eq!(json["target"]["tags"][0], "${outputs.wp}");
+
+    let outputs = crate::outputs::Outputs::from([("wp".to_string(), "6.1.9".to_string())]);
+    let resolved = crate::outputs::resolve_settings(&s, &outputs).unwrap();
+    let labels = resolved.labels.unwrap();
+    assert_eq!(labels["version"], "6.1.9");
+    assert_eq!(labels["both"], "x-6.1.9-${lit}");
+    assert_eq!(labels["plain"], "${lit}");
+    assert_eq!(resolved.env.unwrap()["WP"], "6.1.9");
+    let e = crate::outputs::resolve_settings(&s, &Default::default()).unwrap_err();
+    assert!(e.to_string().contains("no step reported \"wp\""), "{e}");
+}
+
+#[test]
+fn outputs_anywhere_else_are_located_problems() {
+    let (_d, r) = load_str(
+        "name: app\nbase: 127.0.0.1:5000/debian:${outputs.tag}\nvariables:\n  v: ${outputs.a}\nprovision:\n  playbook: pb.yml\n  extra_vars:\n    x: ${outputs.b}\nimage:\n  workdir: /${outputs.c}\n  labels:\n    ok: ${outputs.d}\n    bad: ${outputs.no-dash}\ntarget:\n  repository: 127.0.0.1:5000/app\n  tags: [\"-${outputs.e}\", \"${outputs.f:-${v}}\"]\n",
+    );
+    let e = r.unwrap_err();
+    let found: Vec<(u64, &str)> = e
+        .problems()
+        .iter()
+        .map(|p| (p.line, p.key.as_str()))
+        .collect();
+    assert_eq!(
+        found,
+        [
+            (2, "base"),
+            (4, "variables.v"),
+            (8, "provision.extra_vars.x"),
+            (10, "image.workdir"),
+            (13, "image.labels.bad"),
+            (16, "target.tags[0]"),
+            (16, "target.tags[1]"),
+        ],
+        "{e}"
+    );
+    let msg = e.to_string();
+    assert!(
+        msg.contains("image.yaml:2:7: base: ${outputs.NAME} (a provisioning output) may be used only in the values of image.labels, image.env and target.tags"),
+        "{msg}"
+    );
+    assert!(msg.contains("invalid output name \"no-dash\""), "{msg}");
+    assert!(msg.contains("invalid tag \"-${outputs.e}\""), "{msg}");
+}

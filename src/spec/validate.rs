@@ -74,6 +74,8 @@ impl<'a> Checks<'a> {
 pub(crate) fn check(spec: &mut ImageSpec, dir: &Path, c: &mut Checks<'_>) {
     c.secret = spec.source.secret.clone();
     let root = KeyPath::root();
+    // First: a misplaced output is the problem of its key, whatever else it breaks there.
+    outputs_placement(spec, c);
     top_level(spec, c);
     provision(&mut spec.provision, dir, &root.key("provision"), c);
     if let Some(i) = &mut spec.image {
@@ -89,6 +91,29 @@ pub(crate) fn check(spec: &mut ImageSpec, dir: &Path, c: &mut Checks<'_>) {
         sbom(s, &root.key("sbom"), c);
     }
     secrets(spec, dir, &root.key("secrets"), c);
+}
+
+/// `${outputs.NAME}` only in the values of `image.labels`, `image.env` and `target.tags`: the
+/// only settings used after provisioning.
+fn outputs_placement(spec: &ImageSpec, c: &mut Checks<'_>) {
+    let allowed = [
+        KeyPath::of("image.labels"),
+        KeyPath::of("image.env"),
+        KeyPath::of("target.tags"),
+    ];
+    for path in &spec.source.outputs {
+        let ok = allowed
+            .iter()
+            .any(|a| path.starts_with(a) && path.depth() == a.depth() + 1);
+        if !ok {
+            c.bad(
+                path,
+                "${outputs.NAME} (a provisioning output) may be used only in the values of \
+                 image.labels, image.env and target.tags: they are resolved after provisioning"
+                    .into(),
+            );
+        }
+    }
 }
 
 fn sbom(s: &SbomSetting, at: &KeyPath, c: &mut Checks<'_>) {
@@ -498,7 +523,12 @@ fn target(t: &mut Target, dir: &Path, at: &KeyPath, c: &mut Checks<'_>) {
         }
         for (i, tag) in tags.iter().enumerate() {
             let here = at.key("tags").index(i);
-            if validate_tag(tag).is_err() {
+            // A tag using outputs is checked once they are known; its text around them now.
+            let checked = match crate::outputs::uses_outputs(tag) {
+                true => with_sample_outputs(tag),
+                false => tag.clone(),
+            };
+            if validate_tag(&checked).is_err() {
                 let msg = format!(
                     "invalid tag {}: {}",
                     c.quote(&here, tag),
@@ -550,6 +580,16 @@ fn target(t: &mut Target, dir: &Path, at: &KeyPath, c: &mut Checks<'_>) {
             }
         }
     }
+}
+
+/// A tag template with every output replaced by `0` (valid anywhere in a tag).
+fn with_sample_outputs(tag: &str) -> String {
+    let sample: crate::outputs::Outputs = crate::outputs::names(tag)
+        .into_iter()
+        .map(|n| (n, "0".to_string()))
+        .collect();
+    let source = crate::outputs::Source::Build;
+    crate::outputs::resolve(tag, "", &sample, source).unwrap_or_else(|_| tag.to_string())
 }
 
 /// `target.ecr.tag_immutability_exclusion_filters`: ECR's wildcard filters (1 to 5, each 1-128

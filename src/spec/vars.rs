@@ -50,30 +50,62 @@ pub(crate) fn valid_var_name(k: &str) -> bool {
 
 /// Expand `${VAR}` and `${VAR:-default}`; `$${` is a literal `${`.
 pub fn interpolate(s: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
-    interpolate_tracked(s, &|name| lookup(name).map(|value| (value, false))).map(|(v, _)| v)
+    let lookup = |name: &str| lookup(name).map(|value| (value, false));
+    interpolate_tracked(s, &lookup, Mode::Expand).map(|e| e.value)
 }
 
-/// Expand `s` with `vars`, then the environment; also says whether a secret value went in.
-pub(crate) fn interpolate_vars(s: &str, vars: &Vars) -> Result<(String, bool), String> {
-    interpolate_tracked(s, &|name| match vars.get(name) {
+/// A value of image.yaml expanded at load.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Expanded {
+    /// The value (a template when it uses outputs).
+    pub value: String,
+    /// Whether a secret value went in.
+    pub secret: bool,
+    /// Whether it uses `${outputs.NAME}`: then it is kept as a template (its `${outputs...}`
+    /// references and `$${` escapes as written) and resolved after provisioning.
+    pub outputs: bool,
+}
+
+/// Expand `s` with `vars`, then the environment; `${outputs.NAME}` references are kept.
+pub(crate) fn interpolate_vars(s: &str, vars: &Vars) -> Result<Expanded, String> {
+    let lookup = |name: &str| match vars.get(name) {
         Some(v) => Some((v.value.clone(), v.secret)),
         None => std::env::var(name).ok().map(|v| (v, true)),
-    })
+    };
+    let e = interpolate_tracked(s, &lookup, Mode::KeepOutputs)?;
+    match e.outputs {
+        // A template: its `$${` stay escaped for the second pass.
+        true => interpolate_tracked(s, &lookup, Mode::Template),
+        false => Ok(e),
+    }
+}
+
+/// How `${outputs.NAME}` and `$${` are treated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Everything is a variable (outputs are not known here).
+    Expand,
+    /// `${outputs.NAME}` kept as written.
+    KeepOutputs,
+    /// `${outputs.NAME}` and `$${` kept as written.
+    Template,
 }
 
 /// [`interpolate`] with a lookup that tells whether each value is secret.
 fn interpolate_tracked(
     s: &str,
     lookup: &dyn Fn(&str) -> Option<(String, bool)>,
-) -> Result<(String, bool), String> {
+    mode: Mode,
+) -> Result<Expanded, String> {
     let mut out = String::with_capacity(s.len());
     let mut secret = false;
+    let mut outputs = false;
     let mut rest = s;
     while let Some(i) = rest.find('$') {
         out.push_str(&rest[..i]);
         let after = &rest[i + 1..];
         if let Some(tail) = after.strip_prefix("${") {
-            out.push_str("${");
+            out.push_str(if mode == Mode::Template { "$${" } else { "${" });
             rest = tail;
             continue;
         }
@@ -90,6 +122,15 @@ fn interpolate_tracked(
             Some((n, d)) => (n, Some(d)),
             None => (body, None),
         };
+        if let (Some(output), true) = (name.strip_prefix(OUTPUTS), mode != Mode::Expand) {
+            check_output_reference(output, default, s)?;
+            out.push_str("${");
+            out.push_str(body);
+            out.push('}');
+            outputs = true;
+            rest = &body_start[end + 1..];
+            continue;
+        }
         if !valid_var_name(name) {
             return Err(format!("invalid variable name {name:?} in {s:?}"));
         }
@@ -100,9 +141,9 @@ fn interpolate_tracked(
             }
             None => match default {
                 Some(d) => {
-                    let (v, s) = interpolate_tracked(d, lookup)?;
-                    out.push_str(&v);
-                    secret |= s;
+                    let e = interpolate_tracked(d, lookup, Mode::Expand)?;
+                    out.push_str(&e.value);
+                    secret |= e.secret;
                 }
                 None => {
                     return Err(format!(
@@ -114,7 +155,28 @@ fn interpolate_tracked(
         rest = &body_start[end + 1..];
     }
     out.push_str(rest);
-    Ok((out, secret))
+    Ok(Expanded {
+        value: out,
+        secret,
+        outputs,
+    })
+}
+
+const OUTPUTS: &str = crate::outputs::PREFIX;
+
+/// `${outputs.NAME[:-default]}` at load: a valid name, and a default of text and outputs only.
+fn check_output_reference(name: &str, default: Option<&str>, s: &str) -> Result<(), String> {
+    if !crate::outputs::valid_name(name) {
+        return Err(format!(
+            "invalid output name {name:?} in {s:?} (letters, digits, _)"
+        ));
+    }
+    match default.map(crate::outputs::check_default) {
+        Some(Err(_)) => Err(format!(
+            "the default of ${{outputs.{name}:-...}} in {s:?} may hold only text and ${{outputs.NAME}} (variables are not expanded there)"
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// Index of the `}` closing a `${`, counting nested `${...}`.
@@ -166,22 +228,37 @@ mod tests {
                 },
             ),
         ]);
-        assert_eq!(
-            interpolate_vars("x-${tag}", &vars).unwrap(),
-            ("x-v1".into(), false)
-        );
-        assert_eq!(
-            interpolate_vars("${tag}:${pw}", &vars).unwrap(),
-            ("v1:s3cret".into(), true)
-        );
-        assert_eq!(
-            interpolate_vars("${nope:-${pw}}", &vars).unwrap(),
-            ("s3cret".into(), true)
-        );
-        assert_eq!(
-            interpolate_vars("${nope:-plain}", &vars).unwrap(),
-            ("plain".into(), false)
-        );
+        let e = |s: &str| {
+            let e = interpolate_vars(s, &vars).unwrap();
+            (e.value, e.secret)
+        };
+        assert_eq!(e("x-${tag}"), ("x-v1".into(), false));
+        assert_eq!(e("${tag}:${pw}"), ("v1:s3cret".into(), true));
+        assert_eq!(e("${nope:-${pw}}"), ("s3cret".into(), true));
+        assert_eq!(e("${nope:-plain}"), ("plain".into(), false));
+    }
+
+    #[test]
+    fn outputs_stay_placeholders_through_load() {
+        let vars = Vars::from([(
+            "v".to_string(),
+            Var {
+                value: "1".into(),
+                secret: false,
+            },
+        )]);
+        let e = interpolate_vars("${v}-${outputs.ver}-$${x}", &vars).unwrap();
+        assert_eq!(e.value, "1-${outputs.ver}-$${x}");
+        assert!(e.outputs && !e.secret);
+        let e = interpolate_vars("${outputs.ver:-${outputs.b}}", &vars).unwrap();
+        assert_eq!(e.value, "${outputs.ver:-${outputs.b}}");
+        let plain = interpolate_vars("$${x}", &vars).unwrap();
+        assert_eq!((plain.value.as_str(), plain.outputs), ("${x}", false));
+        for bad in ["${outputs.a-b}", "${outputs.}", "${outputs.a:-${v}}"] {
+            assert!(interpolate_vars(bad, &vars).is_err(), "{bad}");
+        }
+        // Outside image.yaml's values (no outputs there), an output is an unknown name.
+        assert!(interpolate("${outputs.a}", &|_| None).is_err());
     }
 
     #[test]

@@ -128,6 +128,7 @@ fn fixed_base_and_layer_give_known_digests() {
         source: wpimg::build::LayerSource::Upperdir,
         container: None,
         seconds: 0.0,
+        outputs: Default::default(),
     };
     let image = wpimg::build::assemble(&base, &[outcome], &spec.image_settings()).unwrap();
     let (cb, mb) = (&image.raw_config, &image.raw_manifest);

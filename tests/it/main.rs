@@ -21,6 +21,7 @@ mod interrupt;
 mod layer;
 mod layer_docker;
 mod leftovers;
+mod outputs;
 mod platforms;
 mod push_cli;
 mod registry;

@@ -33,6 +33,10 @@ const PLAY: &str = r#"- hosts: all
         dest: /opt/wpimg-platform/arch.txt
         content: "{{ ansible_architecture }}\n"
         mode: "0644"
+    - name: Report it (a provisioning output, per platform)
+      ansible.builtin.set_stats:
+        data: { arch: "{{ ansible_architecture }}" }
+        per_host: false
 "#;
 
 /// A project building `platforms` from `base`, pushed (with `--push`) to `repository:v1`.
@@ -43,7 +47,8 @@ fn project(name: &str, base: &str, platforms: &str, repository: &str) -> tempfil
         &d.path().join("image.yaml"),
         &format!(
             "name: {name}\nbase: {base}\nplatforms: {platforms}\nprovision:\n  playbook: site.yml\n\
-             image:\n  cmd: [\"/bin/cat\", \"/opt/wpimg-platform/arch.txt\"]\n\
+             image:\n  cmd: [\"/bin/cat\", \"/opt/wpimg-platform/arch.txt\"]\n  labels:\n\
+             \x20   arch: ${{outputs.arch}}\n\
              target:\n  repository: {repository}\n  tags: [v1]\n"
         ),
     );
@@ -183,6 +188,10 @@ fn two_platforms_one_index_pushed_run_pulled_and_rebuilt() {
             .iter()
             .any(|s| s["stage"] == "provision"));
     }
+    // Each platform has its own outputs (issue 16).
+    assert_eq!(r["platforms"][0]["outputs"]["arch"], "x86_64", "{r}");
+    assert_eq!(r["platforms"][1]["outputs"]["arch"], "aarch64");
+    assert_eq!(r["outputs"]["arch"], "x86_64");
     let (amd, arm) = (built[0].1.clone(), built[1].1.clone());
     assert_ne!(amd, arm);
     let pushed: Vec<&str> = r["push"]["platforms"]
@@ -212,6 +221,7 @@ fn two_platforms_one_index_pushed_run_pulled_and_rebuilt() {
     assert_eq!(doc["index_digest"], index.as_str());
     assert_eq!(doc["platforms"][0]["platform"], "linux/amd64");
     assert_eq!(doc["platforms"][1]["manifest_digest"], arm.as_str());
+    assert_eq!(doc["platforms"][1]["outputs"]["arch"], "aarch64");
     assert_eq!(doc["pushed"][0]["image_uri"], format!("{repo}@{index}"));
 
     // The registry holds the index and each platform's manifest on its own.
@@ -233,6 +243,18 @@ fn two_platforms_one_index_pushed_run_pulled_and_rebuilt() {
         &format!("docker://{repo}@{arm}"),
     ]));
     assert_eq!(arch.trim(), "arm64");
+    let label = ok_stdout(Command::new("skopeo").args([
+        "inspect",
+        "--tls-verify=false",
+        "--format",
+        "{{.Labels.arch}}",
+        &format!("docker://{repo}@{arm}"),
+    ]));
+    assert_eq!(
+        label.trim(),
+        "aarch64",
+        "the arm64 image's label has its own output"
+    );
 
     // docker runs each platform; Ansible saw the platform's own facts.
     assert_eq!(
@@ -272,6 +294,10 @@ fn two_platforms_one_index_pushed_run_pulled_and_rebuilt() {
         assert_eq!(one["cache"], "hit", "{one}");
     }
     assert_eq!(digests(again), built);
+    assert_eq!(
+        again["platforms"][1]["outputs"]["arch"], "aarch64",
+        "{again}"
+    );
     assert_eq!(again["loaded"], format!("{name}:v1"));
     let id = ok_stdout(Command::new("docker").args([
         "image",

@@ -1,7 +1,8 @@
 //! The WordPress image end to end: `wpimg build --push` of the top-level image.yaml on the
 //! Debian fixture base, then pull and run the pushed image against a real MariaDB, install
 //! WordPress over HTTP, check health endpoints, SIGTERM shutdown, that the database password
-//! is in no layer, and that the image's SBOM lists exactly its packages.
+//! is in no layer, that the image's SBOM lists exactly its packages, and that its version label
+//! and version tag are the WordPress version installed (provisioning outputs).
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -171,6 +172,10 @@ fn wordpress_image_builds_pushes_runs_and_installs() {
         )
     );
 
+    // The version label and the version tag tell the WordPress version actually installed
+    // (issue 16): the play's output, resolved in the label and in image.yaml's target.tags.
+    assert_version_is_the_installed_one(&name, &built, oci.path());
+
     // Workers do not run as root.
     let ps = ok_stdout(Command::new("docker").args(["exec", &name, "ps", "-eo", "user,args"]));
     for line in ps
@@ -204,6 +209,53 @@ fn wordpress_image_builds_pushes_runs_and_installs() {
 
     // Without the accelerator the play makes the same files, with the same modes and owners.
     same_files_as_without_the_accelerator(oci.path(), &built.result);
+}
+
+/// The image's `org.opencontainers.image.version` label, the build's `outputs` and the version
+/// tag `wpimg push` would give it (image.yaml's `target.tags`, from the outputs stored with the
+/// image) all equal the version in the running container's `wp-includes/version.php`.
+fn assert_version_is_the_installed_one(container: &str, built: &BuiltImage, oci: &Path) {
+    let installed = ok_stdout(Command::new("docker").args([
+        "exec",
+        container,
+        "php",
+        "-r",
+        "include 'wp-includes/version.php'; echo $wp_version;",
+    ]));
+    let installed = installed.trim();
+    assert!(
+        installed.starts_with(|c: char| c.is_ascii_digit()),
+        "{installed}"
+    );
+    assert_eq!(built.result["outputs"]["wordpress_version"], installed);
+    let label = ok_stdout(Command::new("docker").args([
+        "image",
+        "inspect",
+        "--format",
+        "{{ index .Config.Labels \"org.opencontainers.image.version\" }}",
+        &built.image,
+    ]));
+    assert_eq!(label.trim(), installed, "version label");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let overrides = wpimg::spec::Overrides {
+        vars: vec![("base".into(), BASE.into())],
+        var_files: vec![],
+    };
+    let spec = wpimg::spec::load(&root.join("image.yaml"), &overrides).unwrap();
+    let layout = wpimg::layout::Layout::open(oci).unwrap();
+    let digest: wpimg::oci::Digest = built.result["manifest"]["digest"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let stored = wpimg::outputs::stored(&layout, &digest).expect("no outputs stored");
+    let tags = wpimg::outputs::resolve_tags(
+        &spec.target.as_ref().unwrap().tags(),
+        &stored.outputs,
+        wpimg::outputs::Source::Stored(&digest),
+    )
+    .unwrap();
+    assert_eq!(tags, ["latest", installed], "image.yaml's tags");
 }
 
 /// Build image.yaml again with `--accelerator none` and compare each step's new layer listing
