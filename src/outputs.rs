@@ -204,8 +204,8 @@ fn parse(s: &str) -> Result<Vec<Piece>, String> {
             rest = after;
             continue;
         };
-        let end =
-            closing_brace(body_start).ok_or_else(|| format!("unterminated \"${{\" in {s:?}"))?;
+        let end = crate::spec::matching_brace(body_start)
+            .ok_or_else(|| format!("unterminated \"${{\" in {s:?}"))?;
         let body = &body_start[..end];
         let (reference, default) = match body.split_once(":-") {
             Some((n, d)) => (n, Some(d)),
@@ -238,21 +238,6 @@ pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && !name.starts_with(|c: char| c.is_ascii_digit())
         && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-}
-
-/// Index of the `}` closing a `${`, counting nested `${...}`.
-fn closing_brace(s: &str) -> Option<usize> {
-    let b = s.as_bytes();
-    let mut depth = 0usize;
-    for (i, &c) in b.iter().enumerate() {
-        match c {
-            b'{' if i > 0 && b[i - 1] == b'$' => depth += 1,
-            b'}' if depth == 0 => return Some(i),
-            b'}' => depth -= 1,
-            _ => {}
-        }
-    }
-    None
 }
 
 /// Check an output reference's default at load: it may hold only text and other outputs.

@@ -170,8 +170,6 @@ pub trait Engine: Send + Sync {
     fn save(&self, image: &str) -> ByteStream;
     /// Remove an image.
     async fn remove_image(&self, image: &str) -> Result<(), RuntimeError>;
-    /// Names of containers carrying a label.
-    async fn containers_with_label(&self, label: &str) -> Result<Vec<String>, RuntimeError>;
     /// Create a named volume (nothing happens when it exists).
     async fn create_volume(
         &self,
@@ -567,25 +565,6 @@ impl Engine for DockerEngine {
         }
     }
 
-    async fn containers_with_label(&self, label: &str) -> Result<Vec<String>, RuntimeError> {
-        let mut filters = HashMap::new();
-        filters.insert("label".to_string(), vec![label.to_string()]);
-        let opts = ListContainersOptionsBuilder::default()
-            .all(true)
-            .filters(&filters)
-            .build();
-        let list = self
-            .docker
-            .list_containers(Some(opts))
-            .await
-            .map_err(api("list containers"))?;
-        Ok(list
-            .into_iter()
-            .filter_map(|c| c.names.and_then(|n| n.into_iter().next()))
-            .map(|n| n.trim_start_matches('/').to_string())
-            .collect())
-    }
-
     async fn labelled_containers(&self, label: &str) -> Result<Vec<Labelled>, RuntimeError> {
         let filters = HashMap::from([("label".to_string(), vec![label.to_string()])]);
         let opts = ListContainersOptionsBuilder::default()
@@ -920,10 +899,6 @@ impl Engine for FakeEngine {
     async fn remove_image(&self, image: &str) -> Result<(), RuntimeError> {
         self.record(format!("remove_image {image}"));
         Ok(())
-    }
-    async fn containers_with_label(&self, label: &str) -> Result<Vec<String>, RuntimeError> {
-        self.record(format!("containers_with_label {label}"));
-        Ok(vec![])
     }
     async fn run_to_end(
         &self,

@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 pub use crate::layer::Compression;
 pub use crate::provision::Accelerator;
 pub use sbom::SbomSetting;
+pub(crate) use vars::matching_brace;
 pub use vars::{interpolate, Overrides, Var, Vars};
 
 /// The value shown in place of a secret one.

@@ -180,7 +180,7 @@ fn check_output_reference(name: &str, default: Option<&str>, s: &str) -> Result<
 }
 
 /// Index of the `}` closing a `${`, counting nested `${...}`.
-fn matching_brace(s: &str) -> Option<usize> {
+pub(crate) fn matching_brace(s: &str) -> Option<usize> {
     let mut depth = 0usize;
     let b = s.as_bytes();
     for (i, &c) in b.iter().enumerate() {
