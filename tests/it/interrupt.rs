@@ -25,10 +25,7 @@ fn project() -> tempfile::TempDir {
         &d.path().join("big.yml"),
         "- hosts: all\n  gather_facts: false\n  tasks:\n    - name: Write incompressible data\n      ansible.builtin.shell: head -c 100M /dev/urandom > /opt/big.bin\n      changed_when: true\n",
     );
-    write(
-        &d.path().join("slow.yml"),
-        "- hosts: all\n  gather_facts: false\n  tasks:\n    - name: Sleep long\n      ansible.builtin.command: sleep 300\n      changed_when: false\n",
-    );
+    write(&d.path().join("slow.yml"), SLOW_PLAY);
     d
 }
 

@@ -11,19 +11,6 @@ use crate::common::*;
 
 const WAIT: Duration = Duration::from_secs(300);
 
-/// Pids of processes whose command line names `needle`.
-fn processes_naming(needle: &str) -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|c| String::from_utf8_lossy(&c).contains(needle))
-                .unwrap_or(false)
-        })
-        .collect()
-}
-
 fn entries(dir: &Path) -> Vec<std::path::PathBuf> {
     std::fs::read_dir(dir)
         .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
@@ -48,10 +35,7 @@ fn sigkill_during_provision_then_the_next_build_collects() {
         &d.path().join("image.yaml"),
         "name: ${name}\nbase: 127.0.0.1:5000/debian:bookworm\nprovision:\n  playbook: ${playbook:-slow.yml}\n  extra_vars: { marker: left-behind }\n",
     );
-    write(
-        &d.path().join("slow.yml"),
-        "- hosts: all\n  gather_facts: false\n  tasks:\n    - name: Sleep long\n      ansible.builtin.command: sleep 300\n      changed_when: false\n",
-    );
+    write(&d.path().join("slow.yml"), SLOW_PLAY);
     write(
         &d.path().join("quick.yml"),
         "- hosts: all\n  gather_facts: false\n  tasks:\n    - name: Touch\n      ansible.builtin.file: { path: /opt/quick, state: touch, mode: '0644' }\n",
@@ -78,8 +62,9 @@ fn sigkill_during_provision_then_the_next_build_collects() {
     std::thread::sleep(Duration::from_secs(1));
     let tmp = std::fs::canonicalize(oci.join("tmp")).unwrap();
     let needle = tmp.to_string_lossy().into_owned();
-    let ansible: Vec<u32> = processes_naming(&needle)
+    let ansible: Vec<u32> = processes_mentioning(&needle)
         .into_iter()
+        .map(|(pid, _)| pid)
         .filter(|p| parent_of(*p) == Some(run.pid()))
         .collect();
     assert_eq!(ansible.len(), 1, "ansible-playbook runs now");
@@ -123,21 +108,9 @@ fn sigkill_during_provision_then_the_next_build_collects() {
     );
     assert!(entries(&tmp).is_empty(), "the run directory is still there");
     assert!(
-        processes_naming(&needle).is_empty(),
+        processes_mentioning(&needle).is_empty(),
         "a process of the dead run is still there"
     );
-}
-
-/// The parent pid of a live (not zombie) process.
-fn parent_of(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let mut fields = rest.split_whitespace();
-    let state = fields.next()?;
-    if state == "Z" || state == "X" {
-        return None;
-    }
-    fields.next()?.parse().ok()
 }
 
 #[test]

@@ -171,3 +171,36 @@ pub fn write(path: &Path, text: &str) {
     }
     std::fs::write(path, text).unwrap();
 }
+
+/// A play whose one task sleeps for five minutes (a build to interrupt or kill mid-provision).
+pub const SLOW_PLAY: &str = "- hosts: all\n  gather_facts: false\n  tasks:\n    - name: Sleep long\n      ansible.builtin.command: sleep 300\n      changed_when: false\n";
+
+/// Processes (pid, command line) whose command line mentions `needle`.
+pub fn processes_mentioning(needle: &str) -> Vec<(u32, String)> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(raw) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
+        if cmdline.contains(needle) {
+            found.push((pid, cmdline));
+        }
+    }
+    found
+}
+
+/// The parent of a process (None when it is gone or a zombie).
+pub fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?;
+    if state == "Z" || state == "X" {
+        return None;
+    }
+    fields.next()?.parse().ok()
+}
